@@ -1,0 +1,114 @@
+"""How one child is started: the children's contract of SPEC.md.
+
+fd 0 is the pool's (blocking) listening socket, fd 1 and fd 2 are one pipe read by spawnd,
+and nothing else is open. The child leads its own process group, runs as the pool's user,
+group and supplementary groups, in its cwd/chroot with its umask and rlimits, and sees a
+clean environment.
+
+subprocess.Popen does the careful part and takes its fast vfork path when no preexec_fn is
+given. Only chroot and rlimits need code in the child between fork and exec; Popen runs
+preexec_fn after it has already switched user, so when one is needed the identity switch
+moves into the same function (chroot and raising limits must happen while still root).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def environment(pool, parent_env=os.environ) -> dict[str, str]:
+    """The child's environment: PATH and LANG, then inherit_env, then env, then
+    FCGI_WEB_SERVER_ADDRS from allowed_clients."""
+    env = {"PATH": BASE_PATH, "LANG": parent_env.get("LANG", "C.UTF-8")}
+    for name in pool.inherit_env:
+        if name in parent_env:
+            env[name] = parent_env[name]
+    env.update(pool.env)
+    if pool.allowed_clients:
+        env["FCGI_WEB_SERVER_ADDRS"] = ",".join(pool.allowed_clients)
+    return env
+
+
+@dataclass(eq=False)
+class Child:
+    """One running child process (the leader of its own process group)."""
+    pid: int
+    popen: subprocess.Popen
+    output_fd: int                 # read end of the child's stdout/stderr pipe
+    started: float                 # time.monotonic() at spawn
+    started_wall: float = field(default_factory=time.time)
+    state: str = "starting"        # starting -> running -> stopping
+    restarts: int = 0              # restarts of the pool slot before this child
+    timers: list = field(default_factory=list)
+
+    @property
+    def pgid(self) -> int:
+        return self.pid
+
+    def reaped(self, returncode: int) -> None:
+        """Tell Popen the status we reaped, so it never waits for this pid itself."""
+        self.popen.returncode = returncode
+
+
+def spawn(pool, listen_fd: int) -> Child:
+    """Start one child of pool on listen_fd. Raises OSError with the exec error."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        kwargs = dict(stdin=listen_fd, stdout=write_fd, stderr=write_fd,
+                      close_fds=True, process_group=0, env=environment(pool),
+                      umask=-1 if pool.umask is None else pool.umask)
+        if pool.chroot or pool.rlimits:
+            kwargs["preexec_fn"] = _prepare(pool)
+        else:
+            kwargs.update(cwd=pool.cwd, **_identity_kwargs(pool))
+        popen = subprocess.Popen(list(pool.command), **kwargs)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    return Child(pid=popen.pid, popen=popen, output_fd=read_fd, started=time.monotonic())
+
+
+def _identity_kwargs(pool) -> dict:
+    """Popen's own user switch, when it is a switch at all."""
+    if pool.uid == os.geteuid() and pool.gid == os.getegid() and not pool.groups:
+        return {}
+    kwargs = {"user": pool.uid, "group": pool.gid}
+    if os.geteuid() == 0:
+        kwargs["extra_groups"] = list(pool.groups)
+    return kwargs
+
+
+def _prepare(pool):
+    """preexec_fn for pools with chroot or rlimits (runs in the forked child)."""
+    rlimits = [(res, soft, hard) for res, soft, hard in pool.rlimits]
+    root, cwd = pool.chroot, pool.cwd
+    uid, gid, groups = pool.uid, pool.gid, list(pool.groups)
+    switch = (uid, gid) != (os.geteuid(), os.getegid()) or bool(groups)
+
+    def prepare():
+        try:
+            for res, soft, hard in rlimits:
+                resource.setrlimit(res, (soft, hard))
+            if root:
+                os.chroot(root)
+                os.chdir(cwd or "/")
+            elif cwd:
+                os.chdir(cwd)
+            if switch:
+                if os.geteuid() == 0:
+                    os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+        except OSError as e:
+            # fd 2 is spawnd's pipe: say what failed, Popen then reports the exception.
+            os.write(2, f"spawnd: cannot prepare child: {e}\n".encode())
+            raise
+    return prepare

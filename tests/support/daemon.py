@@ -1,0 +1,158 @@
+"""Run the real spawnd daemon in a test: config in a temp dir, stderr captured."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+
+_STARTED = re.compile(r"^(?:info: )?([a-z0-9_-]+): started child (\d+)$")
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {value!r}")
+
+
+class Spawnd:
+    """spawnd -c <tmp>/spawnd.yaml, as a subprocess of the test."""
+
+    def __init__(self, tmp_path, config: str, *, name: str = "spawnd.yaml", env=None):
+        self.dir = tmp_path
+        self.config_path = os.path.join(str(tmp_path), name)
+        with open(self.config_path, "w") as f:
+            f.write(textwrap.dedent(config))
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = None
+
+    # ---- life cycle --------------------------------------------------------------------
+    def start(self, *, wait_ready=True, timeout=10.0, args=()):
+        cmd = [sys.executable, "-m", "spawnd.main", "-c", self.config_path, *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=self.env)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait_ready:
+            _wait(lambda: self.proc.poll() is not None or self.seen("ready:"), timeout,
+                  "spawnd to log 'ready:'")
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                raise AssertionError(f"spawnd exited with {self.proc.returncode}:\n{self.output()}")
+        return self
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._lock:
+                self.lines.append(line)
+
+    def run_to_exit(self, timeout=10.0, args=()) -> int:
+        """Start and wait for spawnd to exit by itself (config/bind errors, -t)."""
+        self.start(wait_ready=False, args=args)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+        self._reader.join(5)
+        return rc
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=20.0) -> int:
+        """SIGTERM and wait for exit; returns spawnd's exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"spawnd did not exit within {timeout}s:\n{self.output()}")
+        if self._reader:
+            self._reader.join(5)
+        return rc
+
+    def kill(self):
+        """Last resort for teardown: SIGKILL spawnd and every process group it started."""
+        pids = self.all_started()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stop()
+            except AssertionError:
+                pass
+        self.kill()
+
+    # ---- observing --------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def seen(self, text: str) -> bool:
+        with self._lock:
+            return any(text in line for line in self.lines)
+
+    def count(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        with self._lock:
+            return sum(1 for line in self.lines if rx.search(line))
+
+    def all_started(self, pool: str | None = None) -> list[int]:
+        """Every child pid spawnd logged as started (for pool, or all)."""
+        with self._lock:
+            found = [(_STARTED.match(line)) for line in self.lines]
+        return [int(m.group(2)) for m in found if m and (pool is None or m.group(1) == pool)]
+
+    def children(self, pool: str | None = None) -> list[int]:
+        """Live children of pool: started by spawnd, still its children, not zombies."""
+        try:
+            live = {p.pid for p in psutil.Process(self.pid).children()
+                    if p.status() != psutil.STATUS_ZOMBIE}
+        except psutil.NoSuchProcess:
+            return []
+        return [pid for pid in self.all_started(pool) if pid in live]
+
+    def wait_children(self, pool: str, n: int, timeout=10.0, exclude=()) -> list[int]:
+        """Wait until pool has exactly n live children, none of them in exclude."""
+        def check():
+            pids = self.children(pool)
+            return pids if len(pids) == n and not set(pids) & set(exclude) else None
+        return _wait(check, timeout, f"{n} live children of pool {pool!r} "
+                                     f"(have {self.children(pool)})")
+
+    def wait_line(self, text: str, timeout=10.0) -> None:
+        _wait(lambda: self.seen(text), timeout, f"log line containing {text!r}")
