@@ -47,10 +47,16 @@ class Bound:
         self.sock.close()
 
 
-def bind(listen, options) -> Bound:
-    """Bind and listen according to a config.Listen and config.SocketOptions."""
+DEFAULT_MODE = 0o660
+
+
+def bind(listen, options, owner: tuple[int, int] | None = None) -> Bound:
+    """Bind and listen according to a config.Listen and config.SocketOptions.
+
+    A Unix socket file gets options.mode (default 0660) and options.uid/gid, each
+    defaulting to owner (the pool's user and group), like php-fpm's listen.owner."""
     if listen.kind == "unix":
-        return _bind_unix(listen, options)
+        return _bind_unix(listen, options, owner or (None, None))
     if listen.kind == "tcp":
         return _bind_tcp(listen, options)
     raise ListenError(f"{listen}: no socket was passed by systemd under that name")
@@ -71,7 +77,7 @@ def _bind_tcp(listen, options) -> Bound:
     return Bound(sock, str(listen))
 
 
-def _bind_unix(listen, options) -> Bound:
+def _bind_unix(listen, options, owner) -> Bound:
     path = listen.path
     _clear_stale(path, str(listen))
     parent = os.path.dirname(path)
@@ -93,10 +99,11 @@ def _bind_unix(listen, options) -> Bound:
         os.umask(old_umask)
     try:
         st = os.lstat(path)
-        if options.uid is not None or options.gid is not None:
-            os.chown(path, -1 if options.uid is None else options.uid,
-                     -1 if options.gid is None else options.gid)
-        os.chmod(path, 0o666 & ~old_umask if options.mode is None else options.mode)
+        uid = options.uid if options.uid is not None else owner[0]
+        gid = options.gid if options.gid is not None else owner[1]
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.chmod(path, DEFAULT_MODE if options.mode is None else options.mode)
         sock.listen(options.backlog)
     except OSError as e:
         _unlink_quietly(path)
@@ -117,7 +124,7 @@ def _clear_stale(path: str, what: str) -> None:
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
                 "a symbolic link" if stat.S_ISLNK(st.st_mode) else
                 "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket")
-        raise ListenError(f"{what}: {path} exists and is {kind}; refusing to remove it")
+        raise ListenError(f"{path} exists and is {kind}; refusing to remove it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -127,10 +134,10 @@ def _clear_stale(path: str, what: str) -> None:
     except OSError as e:
         if e.errno == errno.ENOENT:
             return
-        raise ListenError(f"{what}: cannot check existing socket {path}: {e.strerror}") from None
+        raise ListenError(f"cannot check existing socket {path}: {e.strerror}") from None
     finally:
         probe.close()
-    raise ListenError(f"{what}: {path} is in use by a running server")
+    raise ListenError(f"{path} is in use by a running server")
 
 
 def _unlink_quietly(path: str) -> None:

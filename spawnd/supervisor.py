@@ -148,7 +148,7 @@ class Supervisor:
         bound, errors = {}, []
         for name, pc in self.config.pools.items():
             try:
-                bound[name] = listen.bind(pc.listen, pc.socket)
+                bound[name] = listen.bind(pc.listen, pc.socket, (pc.uid, pc.gid))
             except listen.ListenError as e:
                 errors.append(f"{pc.where.get('listen', name)}: {e}")
         if errors:
