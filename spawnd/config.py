@@ -288,8 +288,8 @@ def parse_listen(text: str, base_dir: str) -> Listen:
                              "printable characters without ':' (the socket unit's FileDescriptorName)")
         return Listen("systemd", name=rest)
     host, sep, port_text = rest.rpartition(":")
-    if not sep:
-        raise ValueError(f"bad listen address '{text}': expected tcp:HOST:PORT")
+    if not sep or rest.endswith("]"):          # "tcp:127.0.0.1", "tcp:[::1]"
+        raise ValueError(f"bad listen address '{text}': missing port (expected tcp:HOST:PORT)")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"bad listen address '{text}': bad port '{port_text}' (1-65535)")
     port = int(port_text)
@@ -741,12 +741,15 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
     gid = f.get("group", group)
     if pw is None and ctx.euid == 0 and "user" not in entries:
         f.fail(name_v, "children would run as root; set user: NAME (or user: root to allow it)")
-    uid = ctx.euid if pw is None else pw.pw_uid
-    if gid is None:
-        gid = ctx.egid if pw is None else pw.pw_gid
-    groups: tuple[int, ...] = ()
-    if pw not in (None, _BAD) and gid is not _BAD and ctx.euid == 0:
-        groups = tuple(os.getgrouplist(pw.pw_name, gid))
+    uid, groups = ctx.euid, ()
+    if isinstance(pw, pwd.struct_passwd):
+        uid = pw.pw_uid
+        if gid is None:
+            gid = pw.pw_gid
+        if gid is not _BAD and ctx.euid == 0:
+            groups = tuple(os.getgrouplist(pw.pw_name, gid))
+    elif gid is None:
+        gid = ctx.egid
 
     # -- the program ---------------------------------------------------------------------
     def directory(v: _V, root: str) -> str:
