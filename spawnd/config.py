@@ -348,6 +348,7 @@ class _Context:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.files: list[str] = []          # in the order read
         self.euid = os.geteuid()
         self.egid = os.getegid()
         self.own_groups = {self.egid, *os.getgroups()}
@@ -355,10 +356,21 @@ class _Context:
     def error(self, where: str, message: str) -> None:
         self.errors.append(f"{where}: {message}")
 
+    def sorted_errors(self) -> list[str]:
+        """Errors by file (in reading order), then by line; stable for the rest."""
+        def key(error: str) -> tuple[int, int]:
+            for i, f in enumerate(self.files):
+                line = error[len(f) + 1:].split(":", 1)[0]
+                if error.startswith(f + ":") and line.isdigit():
+                    return i, int(line)
+            return -1, 0
+        return sorted(self.errors, key=key)
+
     # -- reading files ------------------------------------------------------------------
 
     def read(self, path: str) -> _V | None:
         """Read one file into a _V tree (None when unreadable or not YAML; error recorded)."""
+        self.files.append(path)
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
@@ -960,16 +972,13 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
 
 
 def _conflicts(a: Listen, b: Listen) -> bool:
-    """Would binding *b* fail (or steal traffic) once *a* is bound?"""
-    if a.kind != b.kind:
-        return False
-    if a.kind != "tcp":
+    """Would binding *b* fail once *a* is bound? Same address, or the same TCP port and
+    family with a wildcard host on either side ([::] is bound IPv6-only, like nginx does,
+    so [::]:80 and 0.0.0.0:80 can coexist)."""
+    if a.kind != "tcp" or b.kind != "tcp":
         return a == b
-    if a.port != b.port:
-        return False
-    wild = {"0.0.0.0", "::"}
-    return a.host == b.host or "::" in (a.host, b.host) or (
-        a.family == b.family and bool(wild & {a.host, b.host}))
+    return a.port == b.port and a.family == b.family and (
+        a.host == b.host or bool({a.host, b.host} & {"0.0.0.0", "::"}))
 
 
 def _file(ctx: _Context, path: str, main: bool,
@@ -1031,6 +1040,6 @@ def load(path: str) -> Config:
         else:
             seen.append(pool)
     if ctx.errors:
-        raise ConfigError(ctx.errors)
+        raise ConfigError(ctx.sorted_errors())
     return Config(daemon=daemon, pools=MappingProxyType({p.name: p for p, _ in pools.values()}),
                   files=tuple(files))

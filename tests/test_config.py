@@ -193,6 +193,17 @@ def test_include_glob_matching_the_main_file_does_not_read_it_twice(tmp_path):
     assert load(main).files == (main,)
 
 
+def test_listen_addresses_that_can_coexist(tmp_path):
+    """Different ports, families or paths; [::] is IPv6-only so it does not clash with 0.0.0.0."""
+    listens = ["tcp:0.0.0.0:9000", "tcp:[::]:9000", "tcp:127.0.0.1:9001", "tcp:127.0.0.2:9001",
+               "tcp:[::1]:9001", "unix:a.sock", "unix:b.sock", "systemd:a", "systemd:b"]
+    pools = "".join(f'  p{i}: {{command: [/bin/cat], listen: "{l}", user: {USER}}}\n'
+                    for i, l in enumerate(listens))
+    cfg = load(write(tmp_path, "spawnd.yaml", "pools:\n" + pools))
+    assert [str(p.listen) for p in cfg.pools.values()] == [
+        l.replace("unix:", f"unix:{tmp_path}/") for l in listens]
+
+
 def test_forms_of_values(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -408,6 +419,9 @@ CASES = [
      "m", 8, "pools.api.listen", "address tcp:127.0.0.1:9000 is already used by pool 'web' ({m}:4: pools.web.listen)"),
     ("dup-listen-wildcard", {"m": POOL + f"  api:\n    command: [/bin/cat]\n    listen: tcp:0.0.0.0:9000\n    user: {USER}\n"},
      "m", 8, "pools.api.listen", "is already used by pool 'web'"),
+    ("dup-listen-unix", {"m": POOL.replace("tcp:127.0.0.1:9000", "unix:/run/x.sock")
+                         + f"  api:\n    command: [/bin/cat]\n    listen: unix:/run/../run/x.sock\n    user: {USER}\n"},
+     "m", 8, "pools.api.listen", "address unix:/run/x.sock is already used by pool 'web'"),
     ("command-not-found", {"m": POOL.replace("[/bin/cat]", "[no-such-program-xyz, -b]")}, "m", 3, "pools.web.command",
      "program 'no-such-program-xyz' not found on PATH"),
     ("command-abs-not-found", {"m": POOL.replace("[/bin/cat]", "/usr/bin/no-such-xyz")}, "m", 3, "pools.web.command",
@@ -474,6 +488,10 @@ def test_every_error_in_every_file_is_reported(tmp_path):
             command: [/bin/cat]
             listen: tcp:127.0.0.1:9001
             user: {USER}
+          four:
+            restart: maybe
+            listen: tcp:127.0.0.1:9002
+            user: no-such-user-xyz
         """)
     inc = write(tmp_path, "pools.d/x.yaml", f"""
         pools:
@@ -490,6 +508,9 @@ def test_every_error_in_every_file_is_reported(tmp_path):
         f"{main}:9: pools.one.processes: -1 must be >= 0",
         f"{main}:10: pools.one.restart: expected one of always, on-failure, never, got 'sometimes'",
         f"{main}:11: pools.Two: bad pool name 'Two' (lowercase letters, digits, '_' and '-' only)",
+        f"{main}:15: pools.four: missing required key 'command'",
+        f"{main}:16: pools.four.restart: expected one of always, on-failure, never, got 'maybe'",
+        f"{main}:18: pools.four.user: unknown user 'no-such-user-xyz'",
         f"{inc}:4: pools.three.listen: bad listen address 'unix:': empty unix socket path",
         f"{inc}:6: pools.three.stop.signal: bad signal 'NOPE' (expected a name such as TERM, QUIT, INT, "
         "HUP, USR1, USR2, or a number)",
