@@ -182,50 +182,52 @@ def _length(n: int) -> bytes:
     return _U32.pack(n | 0x80000000)
 
 
-def _as_bytes(value) -> bytes:
-    if isinstance(value, str):
-        return value.encode("latin-1")
-    return bytes(value)
-
-
 def encode_pairs(pairs) -> bytes:
     """Name-value pairs (str as latin-1, or bytes) in FastCGI's length-prefixed form."""
     parts = []
     for name, value in pairs:
-        name = _as_bytes(name)
-        value = _as_bytes(value)
-        parts += (_length(len(name)), _length(len(value)), name, value)
+        if type(name) is not bytes:
+            name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+        if type(value) is not bytes:
+            value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
+        n, v = len(name), len(value)
+        parts += (_LEN1[n] if n < 128 else _length(n), _LEN1[v] if v < 128 else _length(v),
+                  name, value)
     return b"".join(parts)
 
 
-def decode_pairs(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
+def decode_pairs(data) -> tuple[tuple[bytes, bytes], ...]:
     """Parse a complete name-value stream; ProtocolError if it is truncated."""
-    data = bytes(data)
+    if type(data) is not bytes:
+        data = bytes(data)
     pairs = []
+    append = pairs.append
     end = len(data)
     i = 0
     unpack = _U32.unpack_from
-    while i < end:
-        lengths = []
-        for _ in (0, 1):
-            if i >= end:
-                raise ProtocolError("name-value pair truncated in its lengths")
-            n = data[i]
-            if n & 0x80:
-                if i + 4 > end:
-                    raise ProtocolError("name-value pair truncated in a 4-byte length")
-                n = unpack(data, i)[0] & 0x7FFFFFFF
-                i += 4
-            else:
+    try:
+        while i < end:
+            nlen = data[i]
+            if nlen < 128:
                 i += 1
-            lengths.append(n)
-        name_end = i + lengths[0]
-        value_end = name_end + lengths[1]
-        if value_end > end:
-            raise ProtocolError(f"name-value pair runs {value_end - end} bytes past the"
-                                " end of its stream")
-        pairs.append((data[i:name_end], data[name_end:value_end]))
-        i = value_end
+            else:
+                nlen = unpack(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            vlen = data[i]
+            if vlen < 128:
+                i += 1
+            else:
+                vlen = unpack(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            name_end = i + nlen
+            value_end = name_end + vlen
+            if value_end > end:
+                raise ProtocolError(f"name-value pair runs {value_end - end} bytes past"
+                                    " the end of its stream")
+            append((data[i:name_end], data[name_end:value_end]))
+            i = value_end
+    except (IndexError, struct.error):   # a length's bytes run past the end
+        raise ProtocolError("name-value pair truncated in its length bytes") from None
     return tuple(pairs)
 
 
