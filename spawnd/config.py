@@ -242,8 +242,9 @@ def parse_mode(v: Any, limit: int = 0o7777) -> int:
     """A quoted octal string such as ``"0660"`` -> ``0o660``. A YAML number is refused:
     YAML 1.1 reads an unquoted ``0660`` as the integer 432, which is never what was meant."""
     if _is_number(v):
-        raise ValueError(f"octal modes must be quoted: YAML read this as the number {v}; "
-                         f"write it as a string, e.g. \"0660\"")
+        hint = f"if you meant octal {v:04o}, write \"{v:04o}\"" if isinstance(v, int) and 0 <= v <= limit \
+            else "write it as a string, e.g. \"0660\""
+        raise ValueError(f"octal modes must be quoted: YAML read this as the number {v}; {hint}")
     if not isinstance(v, str):
         raise ValueError(f"expected a quoted octal string such as \"0660\", got {_describe(v)}")
     m = _OCTAL.fullmatch(v.strip())
@@ -391,6 +392,8 @@ class _Context:
             problem = e.problem or e.context or "YAML error"
             if "\t" in problem or "'\\t'" in problem:
                 problem += " (tabs cannot indent YAML: use spaces)"
+            elif "mapping values are not allowed" in problem:
+                problem += " (a ':' followed by a space or the line's end starts a mapping: quote the value)"
             self.errors.append(f"{path}:{mark.line + 1 if mark else 1}: syntax error: {problem}")
             return None
         except yaml.YAMLError as e:

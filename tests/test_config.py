@@ -362,6 +362,8 @@ pools:
 CASES = [
     ("yaml-syntax", {"m": POOL + "    processes: [1, 2\n    restart: never\n"}, "m", 7, "syntax error", "expected ',' or ']'"),
     ("yaml-flow-end", {"m": POOL.replace("[/bin/cat]", "[/bin/cat]]")}, "m", 3, "syntax error", "expected <block end>"),
+    ("colon-at-end", {"m": POOL.replace("tcp:127.0.0.1:9000", "unix:")}, "m", 4, "syntax error",
+     "quote the value"),
     ("tab-indent", {"m": POOL + "\tprocesses: 2\n"}, "m", 6, "syntax error", "tabs cannot indent YAML"),
     ("unknown-top", {"m": POOL + "pool:\n  x: 1\n"}, "m", 6, "pool", "unknown key 'pool' (did you mean 'pools'?)"),
     ("unknown-pool-key", {"m": POOL + "    proceses: 2\n"}, "m", 6, "pools.web.proceses",
@@ -382,7 +384,9 @@ CASES = [
     ("zero-duration", {"m": POOL + "    stop: {timeout: 0s}\n"}, "m", 6, "pools.web.stop.timeout", "must be greater than 0"),
     ("bad-size", {"m": POOL + "    recycle:\n      max_rss: 12XB\n"}, "m", 7, "pools.web.recycle.max_rss", "bad size '12XB'"),
     ("mode-unquoted", {"m": POOL.replace("tcp:127.0.0.1:9000", "unix:/tmp/w.sock") + "    socket: {mode: 0660}\n"},
-     "m", 6, "pools.web.socket.mode", "octal modes must be quoted: YAML read this as the number 432"),
+     "m", 6, "pools.web.socket.mode", 'octal modes must be quoted: YAML read this as the number 432; '
+                                      'if you meant octal 0660, write "0660"'),
+    ("umask-unquoted", {"m": POOL + "    umask: 022\n"}, "m", 6, "pools.web.umask", 'if you meant octal 0022, write "0022"'),
     ("admin-mode-unquoted", {"m": "spawnd:\n  admin_mode: 0600\n" + POOL}, "m", 2, "spawnd.admin_mode", "must be quoted"),
     ("umask-bad", {"m": POOL + '    umask: "0999"\n'}, "m", 6, "pools.web.umask", "bad octal mode '0999'"),
     ("unknown-user", {"m": POOL.replace(f"user: {USER}", "user: no-such-user-xyz")}, "m", 5, "pools.web.user",
