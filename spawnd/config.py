@@ -754,7 +754,7 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
 
     pw = f.get("user", user)
     gid = f.get("group", group)
-    if pw is None and ctx.euid == 0 and "user" not in entries:
+    if pw is None and ctx.euid == 0:
         f.fail(name_v, "children would run as root; set user: NAME (or user: root to allow it)")
     uid, groups = ctx.euid, ()
     if isinstance(pw, pwd.struct_passwd):
@@ -879,8 +879,6 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
             raise ValueError("missing required key 'max'")
         if lo is _BAD or hi is _BAD:
             raise _Bad()
-        if "min" not in sub.entries:
-            lo = min(lo, hi)
         if lo > hi:
             raise ValueError(f"min ({lo}) is greater than max ({hi})")
         return Processes(lo, hi)

@@ -277,6 +277,17 @@ def test_yaml_merge_keys_share_settings(tmp_path):
     assert cfg.pools["b"].where["processes"] == f"{path}:6: pools.b.processes"   # where it is written
 
 
+def test_merge_key_in_flow_style_as_documented(tmp_path):
+    path = write(tmp_path, "spawnd.yaml", f"""
+        pools:
+          a: &php {{command: [cat], listen: "unix:a.sock", user: {USER}, processes: 4}}
+          b: {{<<: *php, listen: "unix:b.sock"}}
+        """)
+    cfg = load(path)
+    assert [(str(p.listen), p.processes.max, p.command) for p in cfg.pools.values()] == [
+        (f"unix:{tmp_path}/a.sock", 4, ("/usr/bin/cat",)), (f"unix:{tmp_path}/b.sock", 4, ("/usr/bin/cat",))]
+
+
 def test_chroot_finds_the_program_and_cwd_inside_it(tmp_path):
     jail = tmp_path / "jail"
     (jail / "bin").mkdir(parents=True)
@@ -459,6 +470,8 @@ CASES = [
 if ROOT:
     CASES.append(("uid0-without-user", {"m": POOL.replace(f"    user: {USER}\n", "")}, "m", 2, "pools.web",
                   "children would run as root; set user: NAME (or user: root to allow it)"))
+    CASES.append(("uid0-user-null", {"m": POOL.replace(f"    user: {USER}\n", "    user: null\n")}, "m", 2, "pools.web",
+                  "children would run as root"))
 
 
 @pytest.mark.parametrize("files, bad_file, line, key_path, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
