@@ -723,70 +723,110 @@ def _find_program(name: str, search_path: str, root: str) -> str | None:
     return None
 
 
-def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
-    name = name_v.path.split(".", 1)[1]
-    f = _Fields(ctx, {})
-    if not _POOL_NAME.fullmatch(name):
-        f.fail(name_v, f"bad pool name '{name}' (lowercase letters, digits, '_' and '-' only)")
-    if name_v.value is None:
-        f.fail(name_v, "empty pool: at least command and listen are required")
-        return None
-    entries = f.check(name_v, lambda v: _mapping(v, dict.fromkeys(_POOL_KEYS), "a mapping of pool settings", ctx))
-    if entries is _BAD:
-        return None
-    f.entries = entries
-    for key in ("command", "listen"):
-        if entries.get(key) is None or entries[key].value is None:
-            f.fail(name_v, f"missing required key '{key}'")
+def _inside(root: str) -> str:
+    return f" inside chroot {root}" if root != "/" else ""
+
+
+class _PoolReader:
+    """Reads one pool's mapping. One method per concern; each records its own errors
+    through ``self.f`` and returns _BAD (or a value holding _BAD) when it found one."""
+
+    def __init__(self, ctx: _Context, name_v: _V, base_dir: str):
+        self.ctx, self.v, self.base_dir = ctx, name_v, base_dir
+        self.name = name_v.path.split(".", 1)[1]
+        self.f = _Fields(ctx, {})
+
+    def read(self) -> Pool | None:
+        f, v = self.f, self.v
+        if not _POOL_NAME.fullmatch(self.name):
+            f.fail(v, f"bad pool name '{self.name}' (lowercase letters, digits, '_' and '-' only)")
+        if v.value is None:
+            f.fail(v, "empty pool: at least command and listen are required")
+            return None
+        entries = f.check(v, lambda v: _mapping(v, dict.fromkeys(_POOL_KEYS), "a mapping of pool settings", self.ctx))
+        if entries is _BAD:
+            return None
+        f.entries = entries
+        for key in ("command", "listen"):
+            if entries.get(key) is None or entries[key].value is None:
+                f.fail(v, f"missing required key '{key}'")
+        user = entries.get("user")
+        uid, gid, groups = self.identity()
+        root, cwd = self.directories()
+        env = f.get("env", self.env, ())
+        listen = f.get("listen", lambda v: parse_listen(v.value, self.base_dir))
+        values = dict(
+            name=self.name, listen=listen, socket=self.socket(listen),
+            command=f.get("command", lambda v: self.command(v, root, cwd, env)),
+            processes=f.get("processes", self.processes, Processes(1, 1)),
+            user=None if user is None or user.value is None else str(user.value),
+            uid=uid, gid=gid, groups=groups, cwd=cwd, chroot=None if root in ("/", _BAD) else root,
+            umask=f.get("umask", lambda v: parse_mode(v.value, 0o777)),
+            env=env,
+            inherit_env=f.get("inherit_env", self.names, ()),
+            allowed_clients=f.get("allowed_clients", self.clients, ()),
+            rlimits=f.get("rlimits", self.rlimits, ()),
+            restart=f.get("restart", _choice("always", "on-failure", "never"), "always"),
+            backoff=self.backoff(),
+            ready_after=f.get("ready_after", _duration(positive=False), 0.1),
+            stop=self.stop(), recycle=self.recycle(), probe=self.probe(),
+        )
+        if not f.ok:
+            return None
+        where = {"": v.where}
+        _wheres(v, len(v.path) + 1, where)
+        return Pool(**values, where=MappingProxyType(where))
 
     # -- who the children run as ---------------------------------------------------------
-    def user(v: _V) -> pwd.struct_passwd:
-        pw = _lookup_user(v.value)
-        if ctx.euid != 0 and pw.pw_uid != ctx.euid:
-            raise ValueError(f"user {_describe(v.value)} needs root (spawnd runs as uid {ctx.euid})")
-        return pw
+    def identity(self) -> tuple[int, Any, tuple[int, ...]]:
+        """(uid, gid, supplementary groups) for the children."""
+        ctx, f = self.ctx, self.f
 
-    def group(v: _V) -> int:
-        gid = _lookup_group(v.value)
-        if ctx.euid != 0 and gid not in (ctx.egid, os.getgid()):
-            raise ValueError(f"group {_describe(v.value)} needs root (spawnd runs as gid {ctx.egid})")
-        return gid
+        def user(v: _V) -> pwd.struct_passwd:
+            pw = _lookup_user(v.value)
+            if ctx.euid != 0 and pw.pw_uid != ctx.euid:
+                raise ValueError(f"user {_describe(v.value)} needs root (spawnd runs as uid {ctx.euid})")
+            return pw
 
-    pw = f.get("user", user)
-    gid = f.get("group", group)
-    if pw is None and ctx.euid == 0:
-        f.fail(name_v, "children would run as root; set user: NAME (or user: root to allow it)")
-    uid, groups = ctx.euid, ()
-    if isinstance(pw, pwd.struct_passwd):
-        uid = pw.pw_uid
+        def group(v: _V) -> int:
+            gid = _lookup_group(v.value)
+            if ctx.euid != 0 and gid not in (ctx.egid, os.getgid()):
+                raise ValueError(f"group {_describe(v.value)} needs root (spawnd runs as gid {ctx.egid})")
+            return gid
+
+        pw = f.get("user", user)
+        gid = f.get("group", group)
+        if pw is None and ctx.euid == 0:
+            f.fail(self.v, "children would run as root; set user: NAME (or user: root to allow it)")
+        if not isinstance(pw, pwd.struct_passwd):
+            return ctx.euid, ctx.egid if gid is None else gid, ()
         if gid is None:
             gid = pw.pw_gid
-        if gid is not _BAD and ctx.euid == 0:
-            groups = tuple(os.getgrouplist(pw.pw_name, gid))
-    elif gid is None:
-        gid = ctx.egid
+        # setgroups() needs privilege: without root the children keep spawnd's groups.
+        groups = tuple(os.getgrouplist(pw.pw_name, gid)) if gid is not _BAD and ctx.euid == 0 else ()
+        return pw.pw_uid, gid, groups
 
-    # -- the program ---------------------------------------------------------------------
-    def directory(v: _V, root: str) -> str:
-        d = _string(v)
-        d = os.path.normpath(os.path.join(base_dir if root == "/" else "/", d))
+    # -- where the children run ----------------------------------------------------------
+    def directory(self, v: _V, root: str) -> str:
+        """An existing directory; relative to the file's directory, or to / inside a chroot."""
+        d = os.path.normpath(os.path.join(self.base_dir if root == "/" else "/", _string(v)))
         if not os.path.isdir(os.path.join(root, d.lstrip("/"))):
-            inside = f" inside chroot {root}" if root != "/" else ""
-            raise ValueError(f"directory {d}{inside} does not exist")
+            raise ValueError(f"directory {d}{_inside(root)} does not exist")
         return d
 
-    def chroot(v: _V) -> str:
-        d = directory(v, "/")
-        if ctx.euid != 0:
-            raise ValueError("chroot needs root")
-        return d
+    def directories(self) -> tuple[Any, Any]:
+        """(root, cwd): root is "/" without chroot; either may be _BAD."""
+        def chroot(v: _V) -> str:
+            d = self.directory(v, "/")
+            if self.ctx.euid != 0:
+                raise ValueError("chroot needs root")
+            return d
 
-    root = f.get("chroot", chroot)
-    root_ok = root is not _BAD
-    root = root if isinstance(root, str) else "/"
-    cwd = f.get("cwd", lambda v: directory(v, root)) if root_ok else None
+        root = self.f.get("chroot", chroot, "/")
+        cwd = self.f.get("cwd", lambda v: self.directory(v, root)) if root is not _BAD else None
+        return root, cwd
 
-    def env(v: _V) -> tuple[tuple[str, str], ...]:
+    def env(self, v: _V) -> tuple[tuple[str, str], ...]:
         if not isinstance(v.value, dict):
             raise ValueError(f"expected a mapping of NAME: value, got {_describe(v.value)}")
         pairs = []
@@ -798,12 +838,15 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
                                      "(quote it to pass it as text)")
                 pairs.append((key, str(item.value)))
             except ValueError as e:
-                f.fail(item, str(e))
+                self.f.fail(item, str(e))
         return tuple(pairs)
 
-    environ = f.get("env", env, ())
+    def names(self, v: _V) -> tuple[str, ...]:
+        return tuple(self.f.check(item, lambda i: _env_name(i.value)) for item in _list(v, "variable names"))
 
-    def command(v: _V) -> tuple[str, ...]:
+    # -- the program -----------------------------------------------------------------------
+    def command(self, v: _V, root: Any, cwd: Any, env: Any) -> tuple[str, ...]:
+        """argv with argv[0] made absolute (looked up on PATH when it has no '/')."""
         if isinstance(v.value, str):
             try:
                 argv = shlex.split(v.value)
@@ -813,66 +856,73 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
             argv = []
             for item in _list(v, "program and arguments"):
                 if not (isinstance(item.value, str) or _is_number(item.value)):
-                    f.fail(item, f"expected a string, got {_describe(item.value)}")
+                    self.f.fail(item, f"expected a string, got {_describe(item.value)}")
                     raise _Bad()
                 argv.append(str(item.value))
         if not argv or not argv[0]:
             raise ValueError("empty command: give the program to run, e.g. [/usr/bin/php-cgi]")
         program = argv[0]
-        if not root_ok or cwd is _BAD:
+        if root is _BAD or cwd is _BAD:
             return tuple(argv)          # cannot tell where to look; that error is reported
         if "/" not in program:
-            search = dict(environ).get("PATH", DEFAULT_PATH) if environ is not _BAD else DEFAULT_PATH
+            search = dict(env).get("PATH", DEFAULT_PATH) if env is not _BAD else DEFAULT_PATH
             found = _find_program(program, search, root)
             if found is None:
-                inside = f" inside chroot {root}" if root != "/" else ""
-                raise ValueError(f"program '{program}' not found on PATH{inside} ({search})")
+                raise ValueError(f"program '{program}' not found on PATH{_inside(root)} ({search})")
             program = found
         else:
-            program = os.path.normpath(os.path.join(cwd or (base_dir if root == "/" else "/"), program))
-            real = os.path.join(root, program.lstrip("/"))
-            if not os.path.isfile(real):
-                inside = f" inside chroot {root}" if root != "/" else ""
-                raise ValueError(f"program {program} not found{inside}")
+            program = os.path.normpath(os.path.join(cwd or (self.base_dir if root == "/" else "/"), program))
+            if not os.path.isfile(os.path.join(root, program.lstrip("/"))):
+                raise ValueError(f"program {program} not found{_inside(root)}")
         return (program, *argv[1:])
 
-    cmd = f.get("command", command)
+    # -- the socket --------------------------------------------------------------------------
+    def socket(self, listen: Any) -> SocketOptions:
+        sock = self.f.section("socket", ("mode", "owner", "group", "backlog"), "a mapping of socket options")
+        if sock is None:
+            return SocketOptions()
+        ctx = self.ctx
 
-    # -- the socket ----------------------------------------------------------------------
-    listen = f.get("listen", lambda v: parse_listen(v.value, base_dir))
-    sock = f.section("socket", ("mode", "owner", "group", "backlog"), "a mapping of socket options")
-    socket_options = SocketOptions()
-    if sock is not None:
-        def unix_only(v: _V, parse: Callable[[_V], Any]) -> Any:
-            if isinstance(listen, Listen) and listen.kind != "unix":
-                raise ValueError(f"only applies to unix sockets, not {listen}")
-            return parse(v)
+        def unix_only(parse: Callable[[_V], Any]) -> Callable[[_V], Any]:
+            def check(v: _V) -> Any:
+                if isinstance(listen, Listen) and listen.kind != "unix":
+                    raise ValueError(f"only applies to unix sockets, not {listen}")
+                return parse(v)
+            return check
 
         def owner(v: _V) -> int:
-            uid_ = _lookup_user(v.value).pw_uid
-            if ctx.euid != 0 and uid_ != ctx.euid:
+            uid = _lookup_user(v.value).pw_uid
+            if ctx.euid != 0 and uid != ctx.euid:
                 raise ValueError(f"owner {_describe(v.value)} needs root")
-            return uid_
+            return uid
 
-        def sgroup(v: _V) -> int:
-            gid_ = _lookup_group(v.value)
-            if ctx.euid != 0 and gid_ not in ctx.own_groups:
+        def group(v: _V) -> int:
+            gid = _lookup_group(v.value)
+            if ctx.euid != 0 and gid not in ctx.own_groups:
                 raise ValueError(f"group {_describe(v.value)} needs root (spawnd is not a member)")
-            return gid_
+            return gid
 
-        socket_options = SocketOptions(
-            mode=sock.get("mode", lambda v: unix_only(v, lambda v: parse_mode(v.value))),
-            uid=sock.get("owner", lambda v: unix_only(v, owner)),
-            gid=sock.get("group", lambda v: unix_only(v, sgroup)),
+        return SocketOptions(
+            mode=sock.get("mode", unix_only(lambda v: parse_mode(v.value))),
+            uid=sock.get("owner", unix_only(owner)),
+            gid=sock.get("group", unix_only(group)),
             backlog=sock.get("backlog", _int(1, 65535), 1024),
         )
 
-    # -- how many --------------------------------------------------------------------------
-    def processes(v: _V) -> Processes:
+    def clients(self, v: _V) -> tuple[str, ...]:
+        def one(item: _V) -> str:
+            try:
+                return str(ipaddress.ip_address(item.value))
+            except ValueError:
+                raise ValueError(f"expected an IP address, got {_describe(item.value)}") from None
+        return tuple(self.f.check(item, one) for item in _list(v, "IP addresses"))
+
+    # -- how many, and how much --------------------------------------------------------------
+    def processes(self, v: _V) -> Processes:
         if not isinstance(v.value, dict):
             n = _int(0)(v)
             return Processes(n, n)
-        sub = _Nested(f, _mapping(v, {"min": 0, "max": 0}, "", ctx))
+        sub = _Nested(self.f, _mapping(v, {"min": 0, "max": 0}, "", self.ctx))
         lo = sub.get("min", _int(0), 1)
         hi = sub.get("max", _int(1))
         if hi is None:
@@ -883,93 +933,68 @@ def _pool(ctx: _Context, name_v: _V, base_dir: str) -> Pool | None:
             raise ValueError(f"min ({lo}) is greater than max ({hi})")
         return Processes(lo, hi)
 
-    procs = f.get("processes", processes, Processes(1, 1))
+    def rlimits(self, v: _V) -> tuple[tuple[int, int, int], ...]:
+        def one(item: _V) -> tuple[int, int, int]:
+            name = item.path.rsplit(".", 1)[1]
+            if isinstance(item.value, dict):
+                sub = _mapping(item, {"soft": 0, "hard": 0}, "", self.ctx)
+                if "soft" not in sub or "hard" not in sub:
+                    raise ValueError("give both soft and hard (or a single value for both)")
+                soft, hard = _rlimit_value(sub["soft"], name), _rlimit_value(sub["hard"], name)
+            else:
+                soft = hard = _rlimit_value(item, name)
+            inf = resource.RLIM_INFINITY
+            if hard != inf and (soft == inf or soft > hard):
+                raise ValueError(f"soft limit ({soft}) is above the hard limit ({hard})")
+            if self.ctx.euid != 0:
+                current = resource.getrlimit(RLIMITS[name])[1]
+                if current != inf and (hard == inf or hard > current):
+                    raise ValueError(f"raising the hard limit above {current} needs root")
+            return (RLIMITS[name], soft, hard)
 
-    # -- limits ------------------------------------------------------------------------------
-    def rlimits(v: _V) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        for key, item in _mapping(v, RLIMITS, "a mapping of limit: value", ctx).items():
-            def one(item: _V, key=key) -> tuple[int, int, int]:
-                if isinstance(item.value, dict):
-                    sub = _mapping(item, {"soft": 0, "hard": 0}, "", ctx)
-                    if "soft" not in sub or "hard" not in sub:
-                        raise ValueError("give both soft and hard (or a single value for both)")
-                    soft, hard = _rlimit_value(sub["soft"], key), _rlimit_value(sub["hard"], key)
-                else:
-                    soft = hard = _rlimit_value(item, key)
-                inf = resource.RLIM_INFINITY
-                if hard != inf and (soft == inf or soft > hard):
-                    raise ValueError(f"soft limit ({soft}) is above the hard limit ({hard})")
-                if ctx.euid != 0:
-                    current = resource.getrlimit(RLIMITS[key])[1]
-                    if current != inf and (hard == inf or hard > current):
-                        raise ValueError(f"raising the hard limit above {current} needs root")
-                return (RLIMITS[key], soft, hard)
-            got = f.check(item, one)
-            if got is not _BAD:
-                out.append(got)
-        return tuple(out)
+        limits = _mapping(v, RLIMITS, "a mapping of limit: value", self.ctx)
+        return tuple(self.f.check(item, one) for item in limits.values())
 
-    def names(v: _V) -> tuple[str, ...]:
-        return tuple(f.check(item, lambda i: _env_name(i.value)) for item in _list(v, "variable names"))
-
-    def clients(v: _V) -> tuple[str, ...]:
-        def one(item: _V) -> str:
-            try:
-                return str(ipaddress.ip_address(item.value))
-            except ValueError:
-                raise ValueError(f"expected an IP address, got {_describe(item.value)}") from None
-        return tuple(f.check(item, one) for item in _list(v, "IP addresses"))
-
-    # -- lifecycle -----------------------------------------------------------------------------
-    bo = f.section("backoff", ("initial", "max", "reset_after"), "a mapping of backoff settings")
-    backoff = Backoff()
-    if bo is not None:
+    # -- lifecycle ---------------------------------------------------------------------------
+    def backoff(self) -> Backoff:
+        bo = self.f.section("backoff", ("initial", "max", "reset_after"), "a mapping of backoff settings")
+        if bo is None:
+            return Backoff()
         backoff = Backoff(bo.get("initial", _duration(), Backoff.initial),
                           bo.get("max", _duration(), Backoff.max),
                           bo.get("reset_after", _duration(), Backoff.reset_after))
         if _BAD not in (backoff.initial, backoff.max) and backoff.initial > backoff.max:
             bo.fail(bo.entries.get("initial") or bo.entries["max"],
                     f"initial ({backoff.initial}s) is greater than max ({backoff.max}s)")
-    st = f.section("stop", ("signal", "timeout"), "a mapping of stop settings")
-    stop = Stop() if st is None else Stop(st.get("signal", _signal, Stop.signal),
-                                          st.get("timeout", _duration(), Stop.timeout))
-    rc = f.section("recycle", ("max_age", "max_rss", "max_cpu"), "a mapping of recycle limits")
-    recycle = None if rc is None else Recycle(rc.get("max_age", _duration()),
-                                              rc.get("max_rss", _positive_size),
-                                              rc.get("max_cpu", _percent))
-    pr = f.section("probe", ("uri", "interval", "timeout", "failures", "expect"), "a mapping of probe settings")
-    probe = None
+        return backoff
 
-    def uri(v: _V) -> str:
-        if not isinstance(v.value, str) or not v.value.startswith("/") or any(c.isspace() for c in v.value):
-            raise ValueError(f"expected a request URI starting with '/', got {_describe(v.value)}")
-        return v.value
+    def stop(self) -> Stop:
+        st = self.f.section("stop", ("signal", "timeout"), "a mapping of stop settings")
+        if st is None:
+            return Stop()
+        return Stop(st.get("signal", _signal, Stop.signal), st.get("timeout", _duration(), Stop.timeout))
 
-    if pr is not None:
-        probe = Probe(pr.get("uri", uri, Probe.uri), pr.get("interval", _duration(), Probe.interval),
-                      pr.get("timeout", _duration(), Probe.timeout), pr.get("failures", _int(1), Probe.failures),
-                      pr.get("expect", _int(100, 599), Probe.expect))
+    def recycle(self) -> Recycle | None:
+        rc = self.f.section("recycle", ("max_age", "max_rss", "max_cpu"), "a mapping of recycle limits")
+        if rc is None:
+            return None
+        return Recycle(rc.get("max_age", _duration()), rc.get("max_rss", _positive_size),
+                       rc.get("max_cpu", _percent))
 
-    values = dict(
-        name=name, command=cmd, listen=listen, socket=socket_options, processes=procs,
-        user=None if "user" not in entries or entries["user"].value is None else str(entries["user"].value),
-        uid=uid, gid=gid, groups=groups, cwd=cwd, chroot=root if root != "/" else None,
-        umask=f.get("umask", lambda v: parse_mode(v.value, 0o777)),
-        env=environ,
-        inherit_env=f.get("inherit_env", names, ()),
-        allowed_clients=f.get("allowed_clients", clients, ()),
-        rlimits=f.get("rlimits", rlimits, ()),
-        restart=f.get("restart", _choice("always", "on-failure", "never"), "always"),
-        backoff=backoff,
-        ready_after=f.get("ready_after", _duration(positive=False), 0.1),
-        stop=stop, recycle=recycle, probe=probe,
-    )
-    if not f.ok:
-        return None
-    where = {"": name_v.where}
-    _wheres(name_v, len(name_v.path) + 1, where)
-    return Pool(**values, where=MappingProxyType(where))
+    def probe(self) -> Probe | None:
+        pr = self.f.section("probe", ("uri", "interval", "timeout", "failures", "expect"),
+                            "a mapping of probe settings")
+        if pr is None:
+            return None
+
+        def uri(v: _V) -> str:
+            if not isinstance(v.value, str) or not v.value.startswith("/") or any(c.isspace() for c in v.value):
+                raise ValueError(f"expected a request URI starting with '/', got {_describe(v.value)}")
+            return v.value
+
+        return Probe(pr.get("uri", uri, Probe.uri), pr.get("interval", _duration(), Probe.interval),
+                     pr.get("timeout", _duration(), Probe.timeout), pr.get("failures", _int(1), Probe.failures),
+                     pr.get("expect", _int(100, 599), Probe.expect))
 
 
 def _conflicts(a: Listen, b: Listen) -> bool:
@@ -1009,7 +1034,7 @@ def _file(ctx: _Context, path: str, main: bool,
                 if name in pools:
                     ctx.error(v.where, f"duplicate pool '{name}' (already defined at {pools[name][1]})")
                     continue
-                pools[name] = (_pool(ctx, v, base_dir), f"{v.file}:{v.line}")
+                pools[name] = (_PoolReader(ctx, v, base_dir).read(), f"{v.file}:{v.line}")
     return daemon
 
 
