@@ -310,7 +310,7 @@ def parse_listen(text: str, base_dir: str) -> Listen:
             raise ValueError(f"bad listen address '{text}': '{host}' is not an IPv6 address") from None
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as e:
+        except (OSError, UnicodeError, ValueError) as e:
             raise ValueError(f"bad listen address '{text}': cannot resolve host '{host}' "
                              f"({getattr(e, 'strerror', None) or e})") from None
         ip = ipaddress.ip_address(infos[0][4][0])
@@ -398,6 +398,9 @@ class _Context:
             return None
         except yaml.YAMLError as e:
             self.errors.append(f"{path}:1: syntax error: {e}")
+            return None
+        except RecursionError:
+            self.errors.append(f"{path}:1: syntax error: nested too deeply")
             return None
         finally:
             loader.dispose()
@@ -567,7 +570,7 @@ def _lookup_user(x: Any) -> pwd.struct_passwd:
             return pwd.getpwuid(x)
         if isinstance(x, str) and x:
             return pwd.getpwnam(x)
-    except KeyError:
+    except (KeyError, OverflowError):
         raise ValueError(f"unknown user {_describe(x)}") from None
     raise ValueError(f"expected a user name, got {_describe(x)}")
 
@@ -578,7 +581,7 @@ def _lookup_group(x: Any) -> int:
             return grp.getgrgid(x).gr_gid
         if isinstance(x, str) and x:
             return grp.getgrnam(x).gr_gid
-    except KeyError:
+    except (KeyError, OverflowError):
         raise ValueError(f"unknown group {_describe(x)}") from None
     raise ValueError(f"expected a group name, got {_describe(x)}")
 
@@ -912,6 +915,8 @@ class _PoolReader:
     def clients(self, v: _V) -> tuple[str, ...]:
         def one(item: _V) -> str:
             try:
+                if not isinstance(item.value, str):
+                    raise ValueError(item.value)
                 return str(ipaddress.ip_address(item.value))
             except ValueError:
                 raise ValueError(f"expected an IP address, got {_describe(item.value)}") from None
@@ -1047,7 +1052,10 @@ def load(path: str) -> Config:
     files = [main]
     includes: set[str] = set()
     for pattern in daemon.include:
-        includes.update(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        try:
+            includes.update(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        except (OSError, ValueError) as e:
+            ctx.error(daemon.where.get("include", main), f"cannot expand '{pattern}': {e}")
     main_real = os.path.realpath(main)
     for inc in sorted(includes):
         if os.path.realpath(inc) != main_real:

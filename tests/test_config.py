@@ -18,6 +18,7 @@ import tempfile
 import textwrap
 
 import pytest
+import yaml
 
 from spawnd import config
 from spawnd.config import (Backoff, Config, ConfigError, Daemon, Listen, Pool, Probe, Processes,
@@ -644,3 +645,59 @@ def test_config_error_lists_every_error():
 def test_public_names_exist():
     for name in config.__all__:
         assert hasattr(config, name), name
+
+
+# ---------------------------------------------------------------------------------------
+# Robustness: whatever the file holds, load() returns a Config or raises ConfigError.
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_KEYS = st.sampled_from(["spawnd", "pools", "web", "command", "listen", "user", "socket", "mode",
+                         "processes", "min", "max", "env", "rlimits", "nofile", "stop", "signal",
+                         "include", "probe", "uri", "allowed_clients", "chroot", "cwd", "x"])
+_SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+            | st.text(max_size=12) | st.sampled_from(["unix:/tmp/x.sock", "tcp:127.0.0.1:9000", "/bin/cat",
+                                                       "nobody", "0660", "10s", "1GiB", "TERM", "\0"]))
+_TREES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(_KEYS, inner, max_size=5), max_leaves=25)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(st.sampled_from(["spawnd", "pools", "other"]), _TREES, max_size=3))
+def test_any_structure_gives_a_config_or_a_config_error(tmp_path, tree):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml_dump(tree))
+    try:
+        load(str(path))
+    except ConfigError as e:
+        assert e.errors and all(err.startswith(str(path)) for err in e.errors), e.errors
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(list("pools:web\n -[]{}'\"&*<!\t#|>,0x")
+                                       + ["command: ", "listen: ", "<<: ", "\n    "]), max_size=60))
+def test_any_text_gives_a_config_or_a_config_error(tmp_path, pieces):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text("".join(pieces))
+    try:
+        load(str(path))
+    except ConfigError as e:
+        assert e.errors and all(err.startswith(str(path)) for err in e.errors), e.errors
+
+
+def yaml_dump(tree):
+    return yaml.safe_dump(tree, allow_unicode=True)
+
+
+@pytest.mark.parametrize("value, message", [
+    (5, "expected an IP address, got a number (5)"),
+    ("10.0.0.0/8", "expected an IP address, got '10.0.0.0/8'"),
+])
+def test_allowed_clients_are_addresses_only(tmp_path, value, message):
+    path = write(tmp_path, "spawnd.yaml", POOL + f"    allowed_clients: [{value!r}]\n")
+    assert errors_of(path) == [f"{path}:6: pools.web.allowed_clients[0]: {message}"]
+
+
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
+    path = write(tmp_path, "spawnd.yaml", "pools: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert errors_of(path) == [f"{path}:1: syntax error: nested too deeply"]
