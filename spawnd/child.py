@@ -18,6 +18,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
+from . import health
+
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -43,12 +47,30 @@ class Child:
     started: float                 # time.monotonic() at spawn
     started_wall: float = field(default_factory=time.time)
     state: str = "starting"        # starting -> running -> stopping
-    restarts: int = 0              # restarts of the pool slot before this child
+    restarts: int = 0              # restarts of the pool before this child started
+    generation: int = 0            # a rolling restart replaces older generations
     timers: list = field(default_factory=list)
+    _proc: object = None           # psutil.Process, kept for CPU% between samples
+    _sample: tuple = (0.0, 0.0)    # (monotonic time, CPU seconds) at the last sample
 
     @property
     def pgid(self) -> int:
         return self.pid
+
+    def status(self, now: float) -> dict:
+        """pid, state, uptime, RSS and CPU% over the child's whole process tree.
+        CPU% is measured since the previous status call (since start for the first)."""
+        if self._proc is None:
+            self._proc = psutil.Process(self.pid)
+            self._sample = (self.started, 0.0)
+        rss, cpu = health.tree_usage(self._proc)
+        then, cpu_then = self._sample
+        self._sample = (now, cpu)
+        wall = now - then
+        return {"pid": self.pid, "state": self.state, "uptime": round(now - self.started, 3),
+                "started": self.started_wall, "restarts": self.restarts, "rss": rss,
+                "cpu_seconds": round(cpu, 3),
+                "cpu_percent": round(100.0 * (cpu - cpu_then) / wall, 1) if wall > 0 else 0.0}
 
     def reaped(self, returncode: int) -> None:
         """Tell Popen the status we reaped, so it never waits for this pid itself."""

@@ -104,6 +104,7 @@ class Backoff:
 class Stop:
     signal: int = signal.SIGTERM
     timeout: float = 10.0
+    when: str = "idle"          # idle: signal a retiring child only while it waits in accept()
 
 
 @dataclass(frozen=True)
@@ -986,10 +987,11 @@ class _PoolReader:
         return backoff
 
     def stop(self) -> Stop:
-        st = self.f.section("stop", ("signal", "timeout"), "a mapping of stop settings")
+        st = self.f.section("stop", ("signal", "timeout", "when"), "a mapping of stop settings")
         if st is None:
             return Stop()
-        return Stop(st.get("signal", _signal, Stop.signal), st.get("timeout", _duration(), Stop.timeout))
+        return Stop(st.get("signal", _signal, Stop.signal), st.get("timeout", _duration(), Stop.timeout),
+                    st.get("when", _choice("idle", "now"), Stop.when))
 
     def recycle(self) -> Recycle | None:
         rc = self.f.section("recycle", ("max_age", "max_rss", "max_cpu"), "a mapping of recycle limits")

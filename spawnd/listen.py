@@ -79,7 +79,7 @@ def _bind_tcp(listen, options) -> Bound:
 
 def _bind_unix(listen, options, owner) -> Bound:
     path = listen.path
-    _clear_stale(path, str(listen))
+    clear_stale(path, str(listen))
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
         try:
@@ -99,11 +99,7 @@ def _bind_unix(listen, options, owner) -> Bound:
         os.umask(old_umask)
     try:
         st = os.lstat(path)
-        uid = options.uid if options.uid is not None else owner[0]
-        gid = options.gid if options.gid is not None else owner[1]
-        if (uid, gid) != (st.st_uid, st.st_gid):
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-        os.chmod(path, DEFAULT_MODE if options.mode is None else options.mode)
+        _set_permissions(path, options, owner)
         sock.listen(options.backlog)
     except OSError as e:
         _unlink_quietly(path)
@@ -112,7 +108,26 @@ def _bind_unix(listen, options, owner) -> Bound:
     return Bound(sock, str(listen), path, (st.st_dev, st.st_ino))
 
 
-def _clear_stale(path: str, what: str) -> None:
+def update(bound: Bound, options, owner: tuple[int, int] | None = None) -> None:
+    """Apply changed socket options to a socket that keeps its address (reload)."""
+    try:
+        if bound.path is not None:
+            _set_permissions(bound.path, options, owner or (None, None))
+        bound.sock.listen(options.backlog)      # a second listen() changes the backlog
+    except OSError as e:
+        raise ListenError(f"cannot update {bound.address}: {e.strerror or e}") from None
+
+
+def _set_permissions(path: str, options, owner) -> None:
+    st = os.lstat(path)
+    uid = options.uid if options.uid is not None else owner[0]
+    gid = options.gid if options.gid is not None else owner[1]
+    if (uid, gid) != (st.st_uid, st.st_gid):
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    os.chmod(path, DEFAULT_MODE if options.mode is None else options.mode)
+
+
+def clear_stale(path: str, what: str) -> None:
     """Remove a stale socket at path; refuse a live one or anything that is not a socket."""
     try:
         st = os.lstat(path)

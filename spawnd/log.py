@@ -25,9 +25,10 @@ class Log:
         prefix = f"<{level}>" if self.journal else f"{self._WORDS[level]}: "
         self.write(prefix + message)
 
-    def write(self, line: str) -> None:
+    def write(self, text: str) -> None:
+        """Write one or more lines (text without the final newline) in one go."""
         try:
-            self.stream.write(line + "\n")
+            self.stream.write(text + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
@@ -44,8 +45,10 @@ class Log:
     def debug(self, message: str) -> None:
         self.log(self.DEBUG, message)
 
-    def child_line(self, pool: str, pid: int, text: str) -> None:
-        self.write(f"<6>{pool}[{pid}]: {text}" if self.journal else f"{pool}[{pid}]: {text}")
+    def child_lines(self, pool: str, pid: int, lines: list[str]) -> None:
+        """Forward lines a child wrote, each as "pool[pid]: text", in one write."""
+        prefix = f"<6>{pool}[{pid}]: " if self.journal else f"{pool}[{pid}]: "
+        self.write(prefix + ("\n" + prefix).join(lines))
 
 
 def _stderr_is_journal() -> bool:

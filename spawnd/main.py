@@ -6,6 +6,7 @@ invalid or a pool's socket cannot be set up (nothing is started then), 2 on usag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -47,12 +48,14 @@ def main(argv=None) -> int:
     if args.check:
         print("configuration OK")
         return 0
-    sup = Supervisor(config, args.config)
-    errors = sup.bind_all()
+    sup = Supervisor(config, os.path.abspath(args.config))
+    errors = sup.bind_all() or sup.open_admin()
     if errors:
         for line in errors:
             log.error(line)
-        log.error("cannot set up every pool's socket; nothing started")
+        for pool in sup.pools.values():
+            pool.bound.close()
+        log.error("cannot set up every socket; nothing started")
         return 1
     return sup.run()
 

@@ -1,8 +1,10 @@
-"""One pool's state machine: desired versus running children, restarts, backoff, stop.
+"""One pool's state machine: desired versus running children, restarts, backoff, retiring.
 
 The pool never waits. It starts children through child.spawn, asks the supervisor's loop
-for timers (loop.call_later) and is told about exits (child_exited) and about process
-groups that may have emptied (check_groups). Every state change has a named cause.
+for timers (loop.call_later), and is told about exits (child_exited) and about process
+groups that may have emptied (check_groups). After every change it re-evaluates its
+waiters, the (condition, callback) pairs through which stop, scale, rolling restart and
+reload learn that they are complete. Every state change has a named cause.
 
 Restart rules
 - restart: always | on-failure | never decides whether an exited child is replaced.
@@ -15,20 +17,35 @@ Restart rules
   is a recycle, replaced at once; but a slot is never restarted sooner than ready_after after
   its previous start, so a program that exits 0 at once cannot spin the CPU.
 - A child counts as started ("running") once it has been alive ready_after.
+
+Retiring a child (stop, scale down, rolling restart, shutdown)
+- stop.when = idle (default): the child's process group is stopped with SIGSTOP and its
+  threads' system calls are read (health.group_idle). If it waits in accept() on fd 0 and
+  does nothing else, stop.signal is queued and the group continued: it dies before it can
+  accept another connection, and no request is cut. If it is busy it is continued and
+  looked at again 20 ms later. After half of stop.timeout it gets stop.signal anyway.
+- stop.when = now: stop.signal at once (for programs that finish in-flight work on it,
+  such as spawnd-wsgi).
+- Either way, SIGKILL to the group at stop.timeout.
 """
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
 import time
 
 from . import child as childmod
+from . import health
 from .log import log
 
 # Pool states, as shown by status.
 STOPPED, STARTING, RUNNING, BACKOFF, DEGRADED, STOPPING = (
     "stopped", "starting", "running", "backoff", "degraded", "stopping")
+LOG_LINES = 1000         # lines kept per pool for `spawnctl logs`
+IDLE_RETRY = 0.02        # seconds between two looks at a busy child being retired
+STOP_SETTLE = 0.001      # first look after SIGSTOP; the kernel stops the group promptly
 
 
 def describe_status(status: int) -> str:
@@ -55,50 +72,108 @@ class Pool:
         self.streak = 0                 # consecutive quick failures
         self.retry_at: float | None = None
         self._retry_timer = None
-        self._pending_slots = 0         # replacements waiting for a slot timer
+        self._pending_slots = 0         # clean-exit replacements waiting for their slot
+        self.generation = 0             # children of older generations are replaced by restart
+        self.rolling = False
+        self.retired_bounds = []        # old sockets closed when a rolling restart completes
         self.restarts = 0
         self.last_exit: str | None = None
         self.last_error: str | None = None
-        self.on_stopped = None          # callback when a stop completes
+        self._waiters: list = []        # (predicate, callback)
+        self.logs = collections.deque(maxlen=LOG_LINES)   # recent child lines, for `logs`
+        self.followers: set = set()     # callables getting each new batch of lines
 
-    # ---- commands ---------------------------------------------------------------
+    # ---- children's output ----------------------------------------------------------------
+    def output(self, pid: int, lines: list[str]) -> None:
+        """Lines a child wrote: to spawnd's log, the pool's ring buffer and followers."""
+        log.child_lines(self.name, pid, lines)
+        tagged = [f"[{pid}] {line}" for line in lines]
+        self.logs.extend(tagged)
+        for follower in list(self.followers):
+            follower(tagged)
+
+    # ---- waiting for conditions ------------------------------------------------------
+    def when(self, predicate, callback) -> None:
+        """Call callback(self) once predicate(self) holds (checked after every change)."""
+        self._waiters.append((predicate, callback))
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.rolling:
+            self._advance_rolling()
+        if not self._waiters:
+            return
+        ready = [w for w in self._waiters if w[0](self)]
+        if ready:
+            self._waiters = [w for w in self._waiters if w not in ready]
+            for _, callback in ready:
+                callback(self)
+
+    def settled(self) -> bool:
+        """The wanted children are all running and nothing is starting or stopping."""
+        if self.rolling or self.lingering:
+            return False
+        if not self.wanted:
+            return not self.children
+        states = [c.state for c in self.children.values()]
+        return states.count("running") == self.desired == len(states)
+
+    # ---- commands ----------------------------------------------------------------------
     def start(self) -> None:
         self.wanted = True
         self.streak = 0
         self.manage()
+        self._changed()
 
-    def stop(self, on_stopped=None) -> None:
+    def stop(self) -> None:
         """Gracefully stop every child; the socket stays bound."""
         self.wanted = False
-        self.on_stopped = on_stopped
+        self.rolling = False
         self._cancel_retry()
         for ch in list(self.children.values()):
-            self._stop_child(ch)
-        self._check_stopped()
+            self._retire(ch)
+        self._changed()
+
+    def scale(self, n: int) -> None:
+        self.desired = n
+        live = self.live_children()
+        # Retire the youngest first: starting children have served least.
+        for ch in sorted(live, key=lambda c: c.started, reverse=True)[:max(0, len(live) - n)]:
+            self._retire(ch)
+        self.manage()
+        self._changed()
+
+    def rolling_restart(self) -> None:
+        """Replace every child, one at a time: start a new one, when it is ready retire an
+        old one. The socket stays bound; settled() tells when it is done."""
+        self.generation += 1
+        if self.wanted:
+            self.rolling = True
+        self._changed()
 
     def kill_all(self) -> None:
         """SIGKILL every process group of the pool now (shutdown deadline)."""
         for pgid in [ch.pgid for ch in self.children.values()] + list(self.lingering):
             _killpg(pgid, signal.SIGKILL)
 
-    # ---- state ------------------------------------------------------------------
+    # ---- state ---------------------------------------------------------------------------
     @property
     def state(self) -> str:
         if not self.wanted:
             return STOPPING if self.children or self.lingering else STOPPED
         if self.retry_at is not None:
             return BACKOFF
-        live = [c for c in self.children.values() if c.state != "stopping"]
+        live = self.live_children()
         if len(live) < self.desired:
             return DEGRADED
-        if any(c.state == "starting" for c in live):
+        if self.rolling or any(c.state == "starting" for c in live):
             return STARTING
         return RUNNING
 
     def live_children(self) -> list:
         return [c for c in self.children.values() if c.state != "stopping"]
 
-    # ---- bringing the count to what is wanted -------------------------------------
+    # ---- bringing the count to what is wanted --------------------------------------------
     def manage(self) -> None:
         """Start children until the desired count is reached (unless backing off)."""
         if not self.wanted or self.retry_at is not None:
@@ -111,10 +186,11 @@ class Pool:
         try:
             ch = childmod.spawn(self.config, self.bound.fileno())
         except (OSError, subprocess.SubprocessError) as e:
-            self.last_error = _exec_error(self.config.command[0], e)
+            self.last_error = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             log.error(f"{self.name}: cannot start {self.config.command[0]}: {self.last_error}")
             self._failed()
             return False
+        ch.generation = self.generation
         ch.restarts = self.restarts
         self.children[ch.pid] = ch
         self.last_error = None
@@ -126,6 +202,7 @@ class Pool:
     def _ready(self, ch) -> None:
         if ch.state == "starting":
             ch.state = "running"
+            self._changed()
 
     def _failed(self) -> None:
         """Extend the failure streak and schedule the next attempt."""
@@ -135,6 +212,9 @@ class Pool:
         self._cancel_retry()
         self.retry_at = time.monotonic() + delay
         self._retry_timer = self.loop.call_later(delay, self._retry)
+        if self.rolling:
+            log.warning(f"{self.name}: rolling restart abandoned: a new child failed")
+            self.rolling = False
         log.warning(f"{self.name}: {self.streak} consecutive failure(s); "
                     f"next start in {_fmt(delay)}")
 
@@ -142,6 +222,7 @@ class Pool:
         self.retry_at = None
         self._retry_timer = None
         self.manage()
+        self._changed()
 
     def _cancel_retry(self) -> None:
         if self._retry_timer is not None:
@@ -149,7 +230,30 @@ class Pool:
         self._retry_timer = None
         self.retry_at = None
 
-    # ---- events from the supervisor -----------------------------------------------
+    def _advance_rolling(self) -> None:
+        """One step of a rolling restart (called after every change while rolling)."""
+        if not self.wanted or self.retry_at is not None:
+            self.rolling = False
+            return
+        old = [c for c in self.children.values() if c.generation < self.generation]
+        if not old:
+            self.rolling = False
+            for b in self.retired_bounds:
+                b.close()
+            self.retired_bounds = []
+            log.info(f"{self.name}: rolling restart complete")
+            return
+        if any(c.state == "stopping" for c in old):
+            return                      # one old child at a time
+        live = self.live_children()
+        if any(c.state == "starting" for c in live if c.generation == self.generation):
+            return                      # wait for the replacement to be ready
+        if len(live) <= self.desired and self.desired > 0:
+            self._spawn_one()           # surge: one more than desired, for a moment
+        else:
+            self._retire(min(old, key=lambda c: c.started))
+
+    # ---- events from the supervisor --------------------------------------------------------
     def child_exited(self, pid: int, status: int) -> bool:
         ch = self.children.pop(pid, None)
         if ch is None:
@@ -159,72 +263,121 @@ class Pool:
             t.cancel()
         ran = time.monotonic() - ch.started
         how = describe_status(status)
-        self.last_exit = how
         if _group_alive(ch.pgid):
             # Its own children (php-cgi workers, CGI scripts) outlive it: stop them too.
             _killpg(ch.pgid, self.config.stop.signal)
+            _killpg(ch.pgid, signal.SIGCONT)
             self.lingering[ch.pgid] = self.loop.call_later(
                 self.config.stop.timeout, _killpg, ch.pgid, signal.SIGKILL)
         if ch.state == "stopping":
             log.info(f"{self.name}: child {pid} stopped ({how})")
-            self._check_stopped()
-            return True
+        else:
+            self._unexpected_exit(ch, status, how, ran)
+        self._changed()
+        return True
+
+    def _unexpected_exit(self, ch, status, how, ran) -> None:
+        self.last_exit = f"child {ch.pid} {how}"
         failed = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
         log.log(log.WARNING if failed else log.INFO,
-                f"{self.name}: child {pid} {how} after {_fmt(ran)}")
+                f"{self.name}: child {ch.pid} {how} after {_fmt(ran)}")
         if not self.wanted:
-            self._check_stopped()
-            return True
+            return
         policy = self.config.restart
         if policy == "never" or (policy == "on-failure" and not failed):
             self.desired = max(0, self.desired - 1)
-            return True
+            return
         self.restarts += 1
         if failed:
-            if ran >= self.config.backoff.reset_after:
-                self.streak = 0
-            else:
+            if ran < self.config.backoff.reset_after:
                 self._failed()
-                return True
-        if self.retry_at is None:
-            wait = ch.started + self.config.ready_after - time.monotonic()
-            if wait > 0 and not failed:
-                self._pending_slots += 1
-                self.loop.call_later(wait, self._slot_free)
-            else:
-                self.manage()
-        return True
+                return
+            self.streak = 0
+        if self.retry_at is not None:
+            return
+        wait = ch.started + self.config.ready_after - time.monotonic()
+        if wait > 0 and not failed:
+            self._pending_slots += 1
+            self.loop.call_later(wait, self._slot_free)
+        else:
+            self.manage()
 
     def _slot_free(self) -> None:
         self._pending_slots -= 1
         self.manage()
+        self._changed()
 
     def check_groups(self) -> None:
         """Forget lingering process groups that have emptied."""
-        for pgid in [p for p in self.lingering if not _group_alive(p)]:
+        gone = [p for p in self.lingering if not _group_alive(p)]
+        for pgid in gone:
             self.lingering.pop(pgid).cancel()
-        self._check_stopped()
+        if gone:
+            self._changed()
 
-    def _check_stopped(self) -> None:
-        if not self.wanted and not self.children and not self.lingering:
-            cb, self.on_stopped = self.on_stopped, None
-            if cb is not None:
-                cb(self)
-
-    def _stop_child(self, ch) -> None:
+    # ---- retiring a child --------------------------------------------------------------------
+    def _retire(self, ch) -> None:
         if ch.state == "stopping":
             return
         ch.state = "stopping"
         for t in ch.timers:
             t.cancel()
-        ch.timers = [self.loop.call_later(self.config.stop.timeout, self._kill_child, ch)]
-        _killpg(ch.pgid, self.config.stop.signal)
+        timeout = self.config.stop.timeout
+        ch.timers = [self.loop.call_later(timeout, self._kill_child, ch)]
+        if getattr(self.config.stop, "when", "idle") == "idle" and health.supported():
+            self._look_when_idle(ch, time.monotonic() + timeout / 2)
+        else:
+            _killpg(ch.pgid, self.config.stop.signal)
+
+    def _look_when_idle(self, ch, give_up_at: float) -> None:
+        if ch.pid not in self.children:
+            return
+        if time.monotonic() >= give_up_at:
+            log.info(f"{self.name}: child {ch.pid} still busy; signalling it anyway")
+            _killpg(ch.pgid, self.config.stop.signal)
+            return
+        _killpg(ch.pgid, signal.SIGSTOP)
+        pids = health.group_pids(ch.pgid)
+        ch.timers.append(self.loop.call_later(STOP_SETTLE, self._look, ch, pids, give_up_at, 0))
+
+    def _look(self, ch, pids, give_up_at, tries) -> None:
+        if ch.pid not in self.children:
+            return
+        if not health.group_stopped(pids) and tries < 20:
+            ch.timers.append(self.loop.call_later(STOP_SETTLE, self._look, ch, pids,
+                                                  give_up_at, tries + 1))
+            return
+        if health.group_idle(pids):
+            _killpg(ch.pgid, self.config.stop.signal)   # queued: delivered before accept resumes
+            _killpg(ch.pgid, signal.SIGCONT)
+            return
+        _killpg(ch.pgid, signal.SIGCONT)
+        ch.timers.append(self.loop.call_later(IDLE_RETRY, self._look_when_idle, ch, give_up_at))
 
     def _kill_child(self, ch) -> None:
         if ch.pid in self.children:
             log.warning(f"{self.name}: child {ch.pid} still running after "
                         f"{_fmt(self.config.stop.timeout)}; sending SIGKILL")
             _killpg(ch.pgid, signal.SIGKILL)
+            _killpg(ch.pgid, signal.SIGCONT)
+
+    # ---- status ---------------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.monotonic()
+        return {
+            "name": self.name,
+            "state": self.state,
+            "listen": self.bound.address,
+            "desired": self.desired,
+            "running": len(self.live_children()),
+            "restarts": self.restarts,
+            "failures": self.streak,
+            "retry_in": None if self.retry_at is None else round(max(0.0, self.retry_at - now), 3),
+            "last_exit": self.last_exit,
+            "last_error": self.last_error,
+            "children": [c.status(now) for c in sorted(self.children.values(),
+                                                      key=lambda c: c.started)],
+        }
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -242,12 +395,6 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _exec_error(program: str, e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
 
 
 def _fmt(seconds: float) -> str:

@@ -11,6 +11,7 @@ wanted count.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import heapq
 import itertools
 import os
@@ -19,9 +20,14 @@ import signal
 import socket
 import time
 
+import psutil
+
+from . import config as configmod
 from . import listen
+from .control import AdminServer, CommandError
 from .log import log
-from .pool import Pool
+from .metrics import exposition
+from .pool import BACKOFF, STOPPED, Pool
 
 PR_SET_CHILD_SUBREAPER = 36
 READ_CHUNK = 65536          # per readiness event and pipe: a flooding child cannot hog the loop
@@ -65,8 +71,8 @@ class Loop:
         while timers and timers[0][2].cancelled:
             heapq.heappop(timers)
         timeout = max(0.0, timers[0][0] - time.monotonic()) if timers else None
-        for key, _ in self.selector.select(timeout):
-            key.data()
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
         now = time.monotonic()
         while timers and timers[0][0] <= now:
             t = heapq.heappop(timers)[2]
@@ -77,14 +83,14 @@ class Loop:
 class OutputReader:
     """Forwards one child's output pipe line by line as "pool[pid]: text"."""
 
-    def __init__(self, loop: Loop, pool_name: str, pid: int, fd: int, on_close=None):
-        self.loop, self.pool_name, self.pid, self.fd = loop, pool_name, pid, fd
+    def __init__(self, loop: Loop, pool, pid: int, fd: int, on_close=None):
+        self.loop, self.pool, self.pid, self.fd = loop, pool, pid, fd
         self.on_close = on_close
         self.buf = bytearray()
         self.dropping = 0          # bytes dropped so far from an over-long line
         loop.add_reader(fd, self.on_readable)
 
-    def on_readable(self) -> None:
+    def on_readable(self, _mask=None) -> None:
         try:
             data = os.read(self.fd, READ_CHUNK)
         except BlockingIOError:
@@ -96,32 +102,32 @@ class OutputReader:
             return
         buf = self.buf
         buf += data
+        lines = []
         start = 0
         while (nl := buf.find(b"\n", start)) >= 0:
             if self.dropping:
-                self._say(f"[... {self.dropping + nl - start} more bytes of that line dropped]")
+                lines.append(f"[... {self.dropping + nl - start} more bytes of that line dropped]")
                 self.dropping = 0
             else:
-                self._say(buf[start:nl].decode("utf-8", "replace").rstrip("\r"))
+                lines.append(buf[start:nl].decode("utf-8", "replace").rstrip("\r"))
             start = nl + 1
         del buf[:start]
         if len(buf) > MAX_LINE:
             if not self.dropping:
-                self._say(buf[:MAX_LINE].decode("utf-8", "replace")
-                          + f" [line longer than {MAX_LINE} bytes, cut]")
+                lines.append(buf[:MAX_LINE].decode("utf-8", "replace")
+                             + f" [line longer than {MAX_LINE} bytes, cut]")
                 self.dropping = len(buf) - MAX_LINE
             else:
                 self.dropping += len(buf)
             buf.clear()
-
-    def _say(self, text: str) -> None:
-        log.child_line(self.pool_name, self.pid, text)
+        if lines:
+            self.pool.output(self.pid, lines)
 
     def close(self) -> None:
         if self.fd < 0:
             return
         if self.buf and not self.dropping:
-            self._say(self.buf.decode("utf-8", "replace"))
+            self.pool.output(self.pid, [self.buf.decode("utf-8", "replace")])
         self.buf.clear()
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
@@ -141,6 +147,8 @@ class Supervisor:
         self.readers: dict[int, OutputReader] = {}
         self.shutting_down = False
         self.exit_code: int | None = None
+        self.admin: AdminServer | None = None
+        self.started = time.time()
 
     # ---- start-up -----------------------------------------------------------------
     def bind_all(self) -> list[str]:
@@ -159,6 +167,16 @@ class Supervisor:
             self.pools[name] = Pool(pc, bound[name], self)
         return []
 
+    def open_admin(self) -> list[str]:
+        d = self.config.daemon
+        self.admin = AdminServer(self, d.admin_socket, d.admin_mode, d.admin_group)
+        try:
+            self.admin.open()
+        except listen.ListenError as e:
+            self.admin = None
+            return [f"{d.where.get('admin_socket', self.config_path)}: {e}"]
+        return []
+
     def run(self) -> int:
         self._setup_signals()
         _set_subreaper()
@@ -168,6 +186,9 @@ class Supervisor:
         log.info(f"ready: {len(self.pools)} pool(s), {running} child(ren) started")
         while self.exit_code is None:
             self.loop.run_once()
+        self._kill_orphans()
+        if self.admin is not None:
+            self.admin.close()
         self._close_sockets()
         log.info("exiting")
         return self.exit_code
@@ -188,11 +209,11 @@ class Supervisor:
 
     def watch_output(self, pool, ch) -> None:
         self.readers[ch.output_fd] = OutputReader(
-            self.loop, pool.name, ch.pid, ch.output_fd,
+            self.loop, pool, ch.pid, ch.output_fd,
             on_close=lambda r: self.readers.pop(r.fd, None))
 
     # ---- signals ------------------------------------------------------------------------
-    def _on_signals(self) -> None:
+    def _on_signals(self, _mask=None) -> None:
         try:
             data = self._wake[0].recv(4096)
         except BlockingIOError:
@@ -222,7 +243,10 @@ class Supervisor:
     handle_sigint = handle_sigterm
 
     def handle_sighup(self) -> None:
-        log.warning("SIGHUP: configuration reload is not implemented yet; nothing changed")
+        def done(result=None, error=None):
+            if error:
+                log.error(f"reload failed, nothing changed: {error}")
+        self.reload(done)
 
     def handle_sigusr1(self) -> None:
         log.info("SIGUSR1: logging goes to stderr; no log file to reopen")
@@ -237,11 +261,13 @@ class Supervisor:
         log.info(f"stopping {len(self.pools)} pool(s)")
         self.loop.call_later(self.config.daemon.shutdown_timeout, self._shutdown_deadline)
         for pool in self.pools.values():
-            pool.stop(on_stopped=self._pool_stopped)
+            pool.stop()
         self._pool_stopped(None)
+        for pool in self.pools.values():
+            pool.when(lambda p: p.state == "stopped", self._pool_stopped)
 
     def _pool_stopped(self, _pool) -> None:
-        if self.shutting_down and all(p.state == "stopped" for p in self.pools.values()):
+        if all(p.state == "stopped" for p in self.pools.values()):
             self.exit_code = 0
 
     def _shutdown_deadline(self) -> None:
@@ -254,11 +280,234 @@ class Supervisor:
         for pool in self.pools.values():
             pool.kill_all()
 
+    def _kill_orphans(self) -> None:
+        """Processes that left their group (setsid) and outlived their parent became our
+        children (subreaper); at exit nothing of ours may survive."""
+        for proc in psutil.Process().children():
+            log.warning(f"killing leftover process {proc.pid} ({proc.name()}) "
+                        "that left its child's process group")
+            try:
+                proc.kill()
+                os.waitpid(proc.pid, 0)
+            except (psutil.Error, ChildProcessError):
+                pass
+
     def _close_sockets(self) -> None:
         for pool in self.pools.values():
             pool.bound.close()
         for reader in list(self.readers.values()):
             reader.close()
+
+
+    # ---- admin commands (control.AdminConnection calls command()) -----------------------
+    def command(self, cmd: str, args: dict, reply, conn=None) -> None:
+        handler = getattr(self, f"cmd_{cmd}", None)
+        if handler is None:
+            known = ", ".join(sorted(n[4:] for n in dir(self) if n.startswith("cmd_")))
+            raise CommandError(f"unknown command {cmd!r} (known: {known})")
+        if self.shutting_down and cmd not in ("status", "logs", "metrics"):
+            raise CommandError("spawnd is shutting down")
+        handler(args, reply, conn)
+
+    def _pool(self, args) -> Pool:
+        name = args.get("pool")
+        if not isinstance(name, str) or not name:
+            raise CommandError("this command needs a pool name")
+        pool = self.pools.get(name)
+        if pool is None:
+            raise CommandError(f"no pool named {name!r} (pools: {', '.join(self.pools) or 'none'})")
+        return pool
+
+    def cmd_status(self, args, reply, conn):
+        pools = [self._pool(args)] if args.get("pool") else list(self.pools.values())
+        reply({"pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
+               "config": self.config_path, "pools": [p.status() for p in pools]})
+
+    def cmd_start(self, args, reply, conn):
+        pool = self._pool(args)
+        pool.start()
+        pool.when(lambda p: p.settled() or p.state == BACKOFF,
+                  lambda p: reply({"pool": p.name, "state": p.state,
+                                   "running": len(p.live_children())}))
+
+    def cmd_stop(self, args, reply, conn):
+        pool = self._pool(args)
+        pool.stop()
+        pool.when(lambda p: p.state == STOPPED, lambda p: reply({"pool": p.name, "state": p.state}))
+
+    def cmd_restart(self, args, reply, conn):
+        pool = self._pool(args)
+        if not pool.wanted:
+            raise CommandError(f"pool {pool.name!r} is stopped; use start")
+        before = {c.pid for c in pool.live_children()}
+        pool.rolling_restart()
+        pool.when(lambda p: not p.rolling and (p.settled() or p.state == BACKOFF),
+                  lambda p: reply({"pool": p.name, "state": p.state,
+                                   "replaced": len(before - set(p.children)),
+                                   "children": sorted(p.children)})
+                  if p.state != BACKOFF else reply(error=f"pool {p.name!r}: a new child failed; "
+                                                         f"{p.last_exit or p.last_error}"))
+
+    def cmd_scale(self, args, reply, conn):
+        pool = self._pool(args)
+        n = args.get("processes")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CommandError("scale needs a number of processes >= 0")
+        pool.scale(n)
+        pool.when(lambda p: p.settled() or p.state == BACKOFF or not p.wanted,
+                  lambda p: reply({"pool": p.name, "state": p.state, "desired": p.desired,
+                                   "running": len(p.live_children())}))
+
+    def cmd_signal(self, args, reply, conn):
+        pool = self._pool(args)
+        name = str(args.get("signal", "")).upper()
+        try:
+            sig = signal.Signals(int(name)) if name.isdigit() else \
+                signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+        except (KeyError, ValueError):
+            raise CommandError(f"unknown signal {args.get('signal')!r}") from None
+        pids = [c.pid for c in pool.children.values()]
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        reply({"pool": pool.name, "signal": sig.name, "children": pids})
+
+    def cmd_logs(self, args, reply, conn):
+        pool = self._pool(args)
+        n = args.get("lines", 50)
+        if not isinstance(n, int) or n < 0:
+            raise CommandError("lines must be a number >= 0")
+        lines = list(pool.logs)[-n:] if n else []
+        if not args.get("follow") or conn is None:
+            reply({"pool": pool.name, "lines": lines})
+            return
+        # Follow: the first reply carries the backlog, each later line one more object.
+        reply({"pool": pool.name, "lines": lines})
+        conn.busy = True                # nothing else on this connection from now on
+        send = lambda batch: conn.send({"ok": True, "result": {"pool": pool.name, "lines": batch}})
+        pool.followers.add(send)
+        conn.follow = lambda: pool.followers.discard(send)
+
+    def cmd_metrics(self, args, reply, conn):
+        reply({"text": exposition(self)})
+
+    def cmd_shutdown(self, args, reply, conn):
+        reply({"shutting_down": True})
+        self.shutdown()
+
+    def cmd_reload(self, args, reply, conn):
+        self.reload(reply)
+
+    # ---- reload ---------------------------------------------------------------------------
+    CHILD_FIELDS = ("command", "uid", "gid", "groups", "cwd", "chroot", "umask", "env",
+                    "inherit_env", "allowed_clients", "rlimits")
+
+    def reload(self, reply) -> None:
+        """Re-read the config; apply the differences pool by pool; reply when complete.
+        A bad config, or a new socket that cannot be bound, changes nothing."""
+        try:
+            new = configmod.load(self.config_path)
+        except configmod.ConfigError as e:
+            reply(error="configuration invalid:\n" + "\n".join(e.errors))
+            return
+        except OSError as e:
+            reply(error=f"cannot read {self.config_path}: {e.strerror}")
+            return
+        old_pools, new_pools = self.pools, new.pools
+        added = [n for n in new_pools if n not in old_pools]
+        removed = [n for n in old_pools if n not in new_pools]
+        kept = [n for n in new_pools if n in old_pools]
+        rebind = [n for n in kept if new_pools[n].listen != old_pools[n].config.listen]
+        bound, errors = {}, []
+        for name in added + rebind:
+            pc = new_pools[name]
+            try:
+                bound[name] = listen.bind(pc.listen, pc.socket, (pc.uid, pc.gid))
+            except listen.ListenError as e:
+                errors.append(f"{pc.where.get('listen', name)}: {e}")
+        if errors:
+            for b in bound.values():
+                b.close()
+            reply(error="\n".join(errors))
+            return
+        log.info(f"reloading {self.config_path}")
+        self.config = configmod.Config(new.daemon if self.admin is None else
+                                       _keep_admin(self.config.daemon, new.daemon),
+                                       new.pools, new.files)
+        done = {"added": added, "removed": removed, "restarted": [], "scaled": [],
+                "updated": [], "unchanged": []}
+        waiting = []
+        for name in removed:
+            pool = self.pools[name]
+            pool.stop()
+            waiting.append(pool)
+            pool.when(lambda p: p.state == STOPPED, self._forget_pool)
+        for name in kept:
+            what = self._apply(self.pools[name], new_pools[name], bound.get(name))
+            done[what].append(name)
+            if what != "unchanged":
+                waiting.append(self.pools[name])
+        for name in added:
+            pool = self.pools[name] = Pool(new_pools[name], bound[name], self)
+            pool.start()
+            waiting.append(pool)
+        pending = set(waiting)
+
+        def finished(pool):
+            pending.discard(pool)
+            if not pending:
+                log.info("reload complete: " + ", ".join(
+                    f"{k} {' '.join(v)}" for k, v in done.items() if v and k != "unchanged"))
+                reply(done)
+        if not pending:
+            reply(done)
+        for pool in waiting:
+            pool.when(lambda p: p.state == STOPPED if p.name in removed else
+                      (p.settled() or p.state == BACKOFF or not p.wanted), finished)
+
+    def _apply(self, pool: Pool, new, new_bound) -> str:
+        old = pool.config
+        if old == new:
+            return "unchanged"
+        pool.config = new
+        restart = new_bound is not None or any(
+            getattr(old, f) != getattr(new, f) for f in self.CHILD_FIELDS)
+        if new_bound is not None:
+            pool.retired_bounds.append(pool.bound)
+            pool.bound = new_bound
+            if not pool.wanted:
+                for b in pool.retired_bounds:
+                    b.close()
+                pool.retired_bounds = []
+        elif new.socket != old.socket:
+            listen.update(pool.bound, new.socket, (new.uid, new.gid))
+        scaled = new.processes != old.processes
+        if scaled:
+            pool.desired = new.processes.min
+        if restart and pool.wanted:
+            pool.rolling_restart()
+            return "restarted"
+        if scaled and pool.wanted:
+            pool.scale(pool.desired)
+            return "scaled"
+        return "updated"
+
+    def _forget_pool(self, pool: Pool) -> None:
+        if self.pools.get(pool.name) is pool:
+            del self.pools[pool.name]
+        pool.bound.close()
+        log.info(f"{pool.name}: removed")
+
+
+def _keep_admin(old, new):
+    """The admin socket is not moved by a reload (the reply goes through it)."""
+    if (old.admin_socket, old.admin_mode, old.admin_group) != \
+            (new.admin_socket, new.admin_mode, new.admin_group):
+        log.warning("admin socket settings changed: they take effect at the next restart")
+    return dataclasses.replace(new, admin_socket=old.admin_socket, admin_mode=old.admin_mode,
+                               admin_group=old.admin_group)
 
 
 def _noop(signum, frame) -> None:

@@ -1,0 +1,118 @@
+"""What the kernel says about a child, without the child's help.
+
+- Idle or busy: a thread blocked in accept()/accept4() on fd 0 is waiting for a request;
+  /proc/PID/task/TID/syscall shows that system call and its first argument (the fd).
+  A child (its whole process group) is idle when some thread waits in accept(0) and no
+  thread does anything else than wait: for a client, a child process, a lock or an event.
+  Stopped tasks (SIGSTOP) keep showing the call they were in, which makes a race-free
+  check possible: stop the group, look, then signal or continue it.
+- Resource use of a child's whole process tree (RSS, CPU seconds) through psutil.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import psutil
+
+# System call numbers by machine: (accept, accept4) and the calls that only wait.
+_SYSCALLS = {
+    "x86_64": {
+        "accept": {43, 288},
+        # wait4 waitid futex poll ppoll select pselect6 epoll_wait epoll_pwait epoll_pwait2
+        # rt_sigsuspend pause rt_sigtimedwait nanosleep? (no: a sleeping script is busy)
+        "wait": {61, 247, 202, 7, 271, 23, 270, 232, 281, 441, 130, 34, 128},
+    },
+    "aarch64": {
+        "accept": {202, 242},
+        "wait": {260, 95, 98, 73, 72, 22, 441, 133, 137},
+    },
+}
+_NUMBERS = _SYSCALLS.get(platform.machine())
+
+
+def supported() -> bool:
+    return _NUMBERS is not None
+
+
+def _thread_syscalls(pid: int):
+    """(number, first argument) for each thread of pid; number -1 when running."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if not fields or fields[0] == "running" or fields[0] == "-1":
+            yield -1, None
+        else:
+            yield int(fields[0]), int(fields[1], 16) if len(fields) > 1 else None
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every process in process group pgid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pgid is the 3rd field after the ")" that ends the command name
+        rest = stat[stat.rfind(b")") + 2:].split()
+        if int(rest[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def group_stopped(pids) -> bool:
+    """True when every process in pids is stopped (state T) or gone."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True
+
+
+def group_idle(pids) -> bool:
+    """True when some thread waits in accept(fd 0) and no thread is doing work."""
+    if _NUMBERS is None:
+        return False
+    accepts, waits = _NUMBERS["accept"], _NUMBERS["wait"]
+    in_accept = False
+    for pid in pids:
+        for number, arg0 in _thread_syscalls(pid):
+            if number in accepts and arg0 == 0:
+                in_accept = True
+            elif number not in waits:
+                return False
+    return in_accept
+
+
+def tree_usage(proc: psutil.Process) -> tuple[int, float]:
+    """(RSS bytes, CPU seconds) of proc and all its descendants."""
+    rss, cpu = 0, 0.0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0, 0.0
+    for p in procs:
+        try:
+            with p.oneshot():
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+                cpu += t.user + t.system
+        except psutil.Error:
+            pass
+    return rss, cpu

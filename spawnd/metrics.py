@@ -1,0 +1,46 @@
+"""Prometheus text exposition (format 0.0.4) of every pool and child.
+
+Written by hand: the format is a few lines of text, and the runtime dependencies stay
+PyYAML and psutil."""
+from __future__ import annotations
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def exposition(supervisor) -> str:
+    families: dict[str, tuple[str, str, list[str]]] = {}
+
+    def add(name, kind, help_text, labels, value):
+        fam = families.setdefault(name, (kind, help_text, []))
+        label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+        fam[2].append(f"{name}{{{label_text}}} {value}")
+
+    for pool in supervisor.pools.values():
+        st = pool.status()
+        lp = {"pool": pool.name}
+        add("spawnd_pool_up", "gauge", "1 when the pool runs all its desired children",
+            lp, int(st["state"] == "running"))
+        add("spawnd_pool_desired_children", "gauge", "Children the pool should run",
+            lp, st["desired"])
+        add("spawnd_pool_running_children", "gauge", "Children running (not being retired)",
+            lp, st["running"])
+        add("spawnd_pool_restarts_total", "counter", "Children replaced after they exited",
+            lp, st["restarts"])
+        add("spawnd_pool_backoff", "gauge", "1 while the pool waits before a restart",
+            lp, int(st["state"] == "backoff"))
+        for ch in st["children"]:
+            lc = {"pool": pool.name, "pid": ch["pid"]}
+            add("spawnd_child_rss_bytes", "gauge", "Resident memory of the child's process tree",
+                lc, ch["rss"])
+            add("spawnd_child_cpu_seconds_total", "counter",
+                "CPU time of the child's process tree", lc, ch["cpu_seconds"])
+            add("spawnd_child_uptime_seconds", "gauge", "Seconds since the child started",
+                lc, ch["uptime"])
+    out = []
+    for name, (kind, help_text, samples) in families.items():
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(samples)
+    return "\n".join(out) + "\n"
