@@ -1,0 +1,482 @@
+"""spawnd.systemd against real sockets: a real AF_UNIX datagram listener stands in for
+systemd's notify socket, and systemd-socket-activate passes fds exactly as systemd does."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from spawnd import systemd
+from spawnd.log import log
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+class NotifyListener:
+    """A bound AF_UNIX SOCK_DGRAM socket, as systemd's notify socket is (SO_PASSCRED on)."""
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(address)
+        self.sock.settimeout(5)
+
+    def receive(self, max_fds=8):
+        """(text, fds, sender pid) of the next message; fails after 5 s."""
+        space = socket.CMSG_SPACE(max_fds * 4) + socket.CMSG_SPACE(12)
+        data, ancdata, flags, _ = self.sock.recvmsg(4096, space)
+        assert not flags & socket.MSG_CTRUNC, "control data truncated"
+        fds, pid = [], None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += [int.from_bytes(payload[i:i + 4], sys.byteorder)
+                        for i in range(0, len(payload) - len(payload) % 4, 4)]
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = int.from_bytes(payload[:4], sys.byteorder)
+        return data.decode(), fds, pid
+
+    def pending(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def drain(self) -> int:
+        n = 0
+        while self.pending():
+            self.sock.recv(4096)
+            n += 1
+        return n
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def path_listener(tmp_path):
+    path = str(tmp_path / "notify")
+    listener = NotifyListener(path)
+    try:
+        yield path, listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def abstract_listener():
+    name = f"spawnd-test-{uuid.uuid4().hex}"
+    listener = NotifyListener("\0" + name)
+    try:
+        yield "@" + name, listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def captured_log(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(log, "stream", out)
+    monkeypatch.setattr(log, "journal", False)
+    return out
+
+
+def inode(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+# ---------------------------------------------------------------------------------------
+# sd_notify
+
+@pytest.mark.parametrize("which", ["path", "abstract"])
+def test_messages_reach_a_path_or_abstract_socket(which, request):
+    address, listener = request.getfixturevalue(f"{which}_listener")
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        assert n.enabled
+        assert n.ready("2 pools, 8 children") is True
+        assert listener.receive() == ("READY=1\nSTATUS=2 pools, 8 children\n", [], os.getpid())
+        assert n.status("php: 3/4 running") is True
+        assert listener.receive()[0] == "STATUS=php: 3/4 running\n"
+        assert n.stopping() is True
+        assert listener.receive()[0] == "STOPPING=1\n"
+        assert n.watchdog() is True
+        assert listener.receive()[0] == "WATCHDOG=1\n"
+        assert n.extend_timeout(2.5) is True
+        assert listener.receive()[0] == "EXTEND_TIMEOUT_USEC=2500000\n"
+    finally:
+        n.close()
+
+
+def test_reloading_carries_clock_monotonic_usec(path_listener):
+    address, listener = path_listener
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert n.reloading("reloading configuration")
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        text, _, _ = listener.receive()
+        lines = text.splitlines()
+        assert lines[0] == "RELOADING=1" and lines[2] == "STATUS=reloading configuration", text
+        name, _, value = lines[1].partition("=")
+        assert name == "MONOTONIC_USEC" and before <= int(value) <= after, (before, text, after)
+    finally:
+        n.close()
+
+
+def test_send_accepts_strings_and_keywords_in_one_datagram(path_listener):
+    address, listener = path_listener
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        assert n.send("READY=1", "STATUS=a", MAINPID=42)
+        assert listener.receive()[0] == "READY=1\nSTATUS=a\nMAINPID=42\n"
+        # whitespace (newlines from an error text) cannot break the message apart
+        assert n.status("bad\nconfig:\n  line 3")
+        assert listener.receive()[0] == "STATUS=bad config: line 3\n"
+        for bad in (("READY=1\nSTOPPING=1",), ("READY",)):
+            with pytest.raises(ValueError, match="NAME=value"):
+                n.send(*bad)
+        with pytest.raises(ValueError):
+            n.send(STATUS="two\nlines")
+        assert not listener.pending(), "a refused message was sent anyway"
+    finally:
+        n.close()
+
+
+def test_without_notify_socket_everything_is_a_quiet_no_op(captured_log):
+    n = systemd.Notifier.from_environ({"WATCHDOG_USEC": "1000000"})
+    assert not n.enabled
+    assert n.ready("x") is False and n.watchdog() is False and n.stopping() is False
+    assert n.store_fds("a", [0]) is False
+    assert n.watchdog_interval() is None
+    assert captured_log.getvalue() == ""
+
+
+@pytest.mark.parametrize("value", ["relative/path", "@", "vsock:2:1234", "/" + "x" * 200])
+def test_unusable_notify_socket_is_reported_and_disables(value, captured_log):
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": value})
+    assert not n.enabled
+    assert "NOTIFY_SOCKET" in captured_log.getvalue() and "off" in captured_log.getvalue()
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process():
+    sock = "@spawnd-test-unused"
+    me, other = str(os.getpid()), str(os.getpid() + 1)
+    cases = [
+        ({"WATCHDOG_USEC": "6000000"}, 3.0),
+        ({"WATCHDOG_USEC": "6000000", "WATCHDOG_PID": me}, 3.0),
+        ({"WATCHDOG_USEC": "6000000", "WATCHDOG_PID": other}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({}, None),
+    ]
+    seen = [systemd.Notifier.from_environ({"NOTIFY_SOCKET": sock, **env}).watchdog_interval()
+            for env, _ in cases]
+    assert seen == [want for _, want in cases]
+
+
+def test_a_full_queue_drops_without_blocking_and_logs_once(path_listener, captured_log):
+    address, listener = path_listener
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        sent, slowest, deadline = 0, 0.0, time.monotonic() + 10
+        while True:
+            t0 = time.monotonic()
+            ok = n.status(f"message {sent}")
+            slowest = max(slowest, time.monotonic() - t0)
+            if not ok:
+                break
+            sent += 1
+            assert time.monotonic() < deadline, f"queue never filled after {sent} messages"
+        assert sent > 0 and slowest < 0.5, (sent, slowest)
+        assert n.watchdog() is False                      # still full: dropped again
+        warnings = captured_log.getvalue().splitlines()
+        assert len(warnings) == 1 and "queue is full" in warnings[0], warnings
+        assert listener.receive()[0] == "STATUS=message 0\n"   # nothing sent was lost
+        assert listener.drain() == sent - 1
+        assert n.ready() is True
+        assert "again" in captured_log.getvalue().splitlines()[-1]
+    finally:
+        n.close()
+
+
+def test_a_vanished_notify_socket_is_not_fatal(tmp_path, captured_log):
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    assert n.enabled
+    assert n.ready() is False
+    assert "dropped" in captured_log.getvalue()
+    n.close()
+
+
+def test_notify_socket_is_close_on_exec(path_listener):
+    address, listener = path_listener
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        n.watchdog()
+        assert not os.get_inheritable(n._sock.fileno())
+    finally:
+        n.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the fd store
+
+def test_store_fds_passes_the_very_same_sockets(path_listener, tmp_path):
+    address, listener = path_listener
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "pool.sock"))
+    unix.listen()
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    received = []
+    try:
+        assert n.store_fds("php", [unix.fileno(), tcp.fileno()])
+        text, received, _ = listener.receive()
+        assert text == "FDSTORE=1\nFDNAME=php\n"
+        assert len(received) == 2
+        assert [inode(fd) for fd in received] == [inode(unix.fileno()), inode(tcp.fileno())]
+        assert set(received).isdisjoint({unix.fileno(), tcp.fileno()})   # real new fds
+        assert systemd.socket_address(received[1]).address == \
+            f"tcp:127.0.0.1:{tcp.getsockname()[1]}"
+        assert n.remove_fds("php")
+        assert listener.receive() == ("FDSTOREREMOVE=1\nFDNAME=php\n", [], os.getpid())
+    finally:
+        for fd in received:
+            os.close(fd)
+        unix.close()
+        tcp.close()
+        n.close()
+
+
+@pytest.mark.parametrize("name", ["", "a:b", "with space", "tab\t", "x" * 256, "é"])
+def test_bad_fd_names_are_refused_before_sending(name, path_listener):
+    address, listener = path_listener
+    n = systemd.Notifier.from_environ({"NOTIFY_SOCKET": address})
+    try:
+        with pytest.raises(ValueError, match="bad fd name"):
+            n.store_fds(name, [0])
+        with pytest.raises(ValueError, match="bad fd name"):
+            n.remove_fds(name)
+        with pytest.raises(ValueError, match="at least one"):
+            n.store_fds("ok", [])
+        assert not listener.pending()
+    finally:
+        n.close()
+
+
+# ---------------------------------------------------------------------------------------
+# socket activation
+
+ACTIVATED = textwrap.dedent("""
+    import json, os, subprocess, sys
+    from spawnd import systemd
+    passed = systemd.listen_fds()
+    out = {"passed": [], "env_left": sorted(k for k in os.environ if k.startswith("LISTEN_")),
+           "child_env": sorted(l.split("=")[0] for l in subprocess.run(
+               ["/usr/bin/env"], capture_output=True, text=True).stdout.splitlines()
+               if l.startswith("LISTEN_")),
+           "pick": {a: systemd.pick(passed, a) for a in sys.argv[1:]}}
+    for fd, name in passed:
+        info = systemd.socket_address(fd)
+        out["passed"].append({"fd": fd, "name": name, "family": int(info.family),
+                              "type": int(info.type), "listening": info.listening,
+                              "address": info.address, "cloexec": not os.get_inheritable(fd)})
+    print(json.dumps(out), flush=True)
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_listen_fds_through_systemd_socket_activate(tmp_path):
+    script = tmp_path / "activated.py"
+    script.write_text(ACTIVATED)
+    path = str(tmp_path / "web.sock")
+    port = free_port()
+    tcp = f"tcp:127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", path, "-l", f"127.0.0.1:{port}", "--fdname=web:api",
+         sys.executable, str(script), "systemd:web", "systemd:api", f"unix:{path}", tcp,
+         "tcp:127.0.0.1:1", "systemd:nothing"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # systemd-socket-activate starts the program on the first connection
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as c:
+                    c.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    f"socket {path} never answered ({e}); stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+                time.sleep(0.01)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["passed"] == [
+        {"fd": 3, "name": "web", "family": socket.AF_UNIX, "type": socket.SOCK_STREAM,
+         "listening": True, "address": f"unix:{path}", "cloexec": True},
+        {"fd": 4, "name": "api", "family": socket.AF_INET, "type": socket.SOCK_STREAM,
+         "listening": True, "address": tcp, "cloexec": True},
+    ], err
+    assert result["env_left"] == [] and result["child_env"] == [], result
+    assert result["pick"] == {"systemd:web": 3, "systemd:api": 4, f"unix:{path}": 3, tcp: 4,
+                              "tcp:127.0.0.1:1": None, "systemd:nothing": None}
+
+
+def run_with_listen_env(tmp_path, env_code):
+    """Run listen_fds() in a fresh process whose LISTEN_* are set by env_code (which sees
+    `os`); print its result or its error."""
+    script = tmp_path / "listen_env.py"
+    script.write_text("import os, sys\nfrom spawnd import systemd\n" + env_code + textwrap.dedent("""
+        try:
+            print(systemd.listen_fds())
+        except systemd.SystemdError as e:
+            print("error:", e)
+        print(sorted(k for k in os.environ if k.startswith("LISTEN_")))
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_fds_for_another_pid_are_ignored_and_still_unset(tmp_path):
+    out = run_with_listen_env(tmp_path, textwrap.dedent("""
+        r, w = os.pipe()
+        assert r == 3, r
+        os.environ.update(LISTEN_PID=str(os.getppid()), LISTEN_FDS="1", LISTEN_FDNAMES="x")
+    """))
+    assert out == ["[]", "[]"]
+
+
+def test_listen_fds_without_names_and_an_fd_that_is_not_open(tmp_path):
+    out = run_with_listen_env(tmp_path, textwrap.dedent("""
+        r, w = os.pipe()
+        assert (r, w) == (3, 4), (r, w)
+        os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2")
+    """))
+    assert out == ["[(3, 'unknown'), (4, 'unknown')]", "[]"]
+    out = run_with_listen_env(tmp_path, 'os.environ.update(LISTEN_PID=str(os.getpid()), '
+                                        'LISTEN_FDS="2")\n')
+    assert out[0].startswith("error: LISTEN_FDS=2 but fd 3 is not open"), out
+    assert out[1] == "[]"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LISTEN_FDS": "two"}, "LISTEN_FDS='two' is not a number"),
+    ({"LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}, "names 1 file descriptor(s) but LISTEN_FDS=2"),
+    ({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "a:b"}, "names 2 file descriptor(s) but LISTEN_FDS=1"),
+])
+def test_malformed_listen_variables_are_clear_errors(env, message):
+    environ = {"LISTEN_PID": str(os.getpid()), **env, "OTHER": "kept"}
+    with pytest.raises(systemd.SystemdError) as e:
+        systemd.listen_fds(environ)
+    assert message in str(e.value)
+    assert environ == {"OTHER": "kept"}          # unset even when malformed
+
+
+def test_listen_fds_leaves_the_environment_alone_when_asked():
+    environ = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}
+    assert systemd.listen_fds(environ, unset=False) == []
+    assert environ == {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}
+    with pytest.raises(systemd.SystemdError, match="LISTEN_PID='abc'"):
+        systemd.listen_fds({"LISTEN_PID": "abc", "LISTEN_FDS": "1"})
+    assert systemd.listen_fds({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0"}) == []
+
+
+# ---------------------------------------------------------------------------------------
+# socket_address and pick
+
+def test_socket_address_describes_what_an_fd_is(tmp_path):
+    socks = []
+
+    def make(family, kind, address, listen=True):
+        s = socket.socket(family, kind)
+        socks.append(s)
+        if address is not None:
+            s.bind(address)
+        if listen:
+            s.listen()
+        return s.fileno()
+
+    r, w = os.pipe()
+    try:
+        path = str(tmp_path / "a.sock")
+        abstract = f"spawnd-test-{uuid.uuid4().hex}"
+        unix = make(socket.AF_UNIX, socket.SOCK_STREAM, path)
+        absu = make(socket.AF_UNIX, socket.SOCK_STREAM, "\0" + abstract)
+        tcp4 = make(socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", 0))
+        udp = make(socket.AF_INET, socket.SOCK_DGRAM, ("127.0.0.1", 0), listen=False)
+        bound_only = make(socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", 0), listen=False)
+        unnamed = make(socket.AF_UNIX, socket.SOCK_STREAM, None, listen=False)
+        info = systemd.socket_address
+        assert info(unix) == systemd.SocketAddress(socket.AF_UNIX, socket.SOCK_STREAM, True,
+                                                   f"unix:{path}")
+        assert info(absu).address == f"unix:@{abstract}"
+        port = socks[2].getsockname()[1]
+        assert info(tcp4) == systemd.SocketAddress(socket.AF_INET, socket.SOCK_STREAM, True,
+                                                   f"tcp:127.0.0.1:{port}")
+        assert info(udp).type == socket.SOCK_DGRAM and not info(udp).listening
+        assert not info(bound_only).listening
+        assert info(unnamed).address is None
+        assert info(r) is None                        # a pipe
+        assert info(9999) is None                     # not open
+        if socket.has_ipv6:
+            try:
+                tcp6 = make(socket.AF_INET6, socket.SOCK_STREAM, ("::1", 0))
+            except OSError:
+                pass
+            else:
+                assert info(tcp6).address == f"tcp:[::1]:{socks[-1].getsockname()[1]}"
+        for s in socks:                               # inspecting left every fd usable
+            s.getsockname()
+            assert not os.get_inheritable(s.fileno())
+    finally:
+        os.close(r)
+        os.close(w)
+        for s in socks:
+            s.close()
+
+
+def test_pick_matches_by_name_or_by_exact_address(tmp_path):
+    a = socket.socket(socket.AF_UNIX)
+    a.bind(str(tmp_path / "a.sock"))
+    a.listen()
+    b = socket.socket()
+    b.bind(("127.0.0.1", 0))
+    b.listen()
+    c = socket.socket()                                # bound, not listening
+    c.bind(("127.0.0.1", 0))
+    try:
+        port = b.getsockname()[1]
+        passed = [(a.fileno(), "php"), (b.fileno(), "api"), (c.fileno(), "idle")]
+        assert systemd.pick(passed, "systemd:php") == a.fileno()
+        assert systemd.pick(passed, f"unix:{tmp_path}/a.sock") == a.fileno()
+        assert systemd.pick(passed, f"tcp:127.0.0.1:{port}") == b.fileno()
+        assert systemd.pick(passed, f"tcp:0.0.0.0:{port}") is None
+        assert systemd.pick(passed, f"tcp:127.0.0.1:{c.getsockname()[1]}") is None
+        assert systemd.pick([], "systemd:php") is None
+        with pytest.raises(systemd.SystemdError, match="not a listening stream socket"):
+            systemd.pick(passed, "systemd:idle")
+        with pytest.raises(systemd.SystemdError, match="2 sockets named 'php'"):
+            systemd.pick(passed + [(b.fileno(), "php")], "systemd:php")
+    finally:
+        for s in (a, b, c):
+            s.close()
