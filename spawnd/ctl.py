@@ -139,6 +139,16 @@ def format_result(cmd: str, result) -> str:
 
 
 # ---- command line --------------------------------------------------------------------------
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes >= 0, not {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the subcommand's default.
@@ -165,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd(name, text).add_argument("pool")
     c = cmd("scale", "change the number of children")
     c.add_argument("pool")
-    c.add_argument("processes", type=int)
+    c.add_argument("processes", type=_count)
     c = cmd("signal", "send a signal to every child of a pool")
     c.add_argument("pool")
     c.add_argument("signal")

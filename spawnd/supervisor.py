@@ -367,9 +367,9 @@ class Supervisor:
         except (KeyError, ValueError):
             raise CommandError(f"unknown signal {args.get('signal')!r}") from None
         pids = [c.pid for c in pool.children.values()]
-        for pid in pids:
+        for pid in pids:                # the children themselves, not their process groups
             try:
-                os.killpg(pid, sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         reply({"pool": pool.name, "signal": sig.name, "children": pids})
