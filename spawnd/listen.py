@@ -31,13 +31,14 @@ class Bound:
     address: str                       # canonical listen text, for messages
     path: str | None = None            # unix socket file we created
     inode: tuple[int, int] | None = None   # (st_dev, st_ino) of that file
+    keep_file: bool = False            # in systemd's fd store: the file must outlive us
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
         """Close the socket; remove its file if it is still the one we created."""
-        if self.path is not None and self.inode is not None:
+        if self.path is not None and self.inode is not None and not self.keep_file:
             try:
                 st = os.lstat(self.path)
                 if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.inode:
@@ -106,6 +107,15 @@ def _bind_unix(listen, options, owner) -> Bound:
         sock.close()
         raise ListenError(f"cannot set up {listen}: {e.strerror or e}") from None
     return Bound(sock, str(listen), path, (st.st_dev, st.st_ino))
+
+
+def adopt(fd: int, listen) -> Bound:
+    """Take over a listening socket systemd passed (socket activation or the fd store).
+    Its file, if any, belongs to systemd's socket unit or to the stored socket: never
+    removed by spawnd."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)          # children's accept() must block
+    return Bound(sock, str(listen))
 
 
 def update(bound: Bound, options, owner: tuple[int, int] | None = None) -> None:

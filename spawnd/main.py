@@ -48,7 +48,14 @@ def main(argv=None) -> int:
     if args.check:
         print("configuration OK")
         return 0
-    sup = Supervisor(config, os.path.abspath(args.config))
+    from . import systemd
+    try:
+        passed = systemd.listen_fds()
+    except systemd.SystemdError as e:
+        log.error(f"socket activation: {e}")
+        return 1
+    sup = Supervisor(config, os.path.abspath(args.config), passed=passed,
+                     notify=systemd.Notifier.from_environ())
     errors = sup.bind_all() or sup.open_admin()
     if errors:
         for line in errors:

@@ -101,6 +101,9 @@ class Pool:
     def _changed(self) -> None:
         if self.rolling:
             self._advance_rolling()
+        notify = getattr(self.loop, "pool_changed", None)
+        if notify is not None:
+            notify(self)
         if not self._waiters:
             return
         ready = [w for w in self._waiters if w[0](self)]

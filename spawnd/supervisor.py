@@ -23,7 +23,7 @@ import time
 import psutil
 
 from . import config as configmod
-from . import listen
+from . import listen, systemd
 from .control import AdminServer, CommandError
 from .log import log
 from .metrics import exposition
@@ -139,8 +139,11 @@ class OutputReader:
 class Supervisor:
     HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
-    def __init__(self, config, config_path: str):
+    def __init__(self, config, config_path: str, passed=(), notify=None):
         self.config = config
+        self.passed = list(passed)          # [(fd, name)] from systemd
+        self.notify = notify or systemd.Notifier(None)
+        self._status_line = None
         self.config_path = config_path
         self.loop = Loop()
         self.pools: dict[str, Pool] = {}
@@ -153,16 +156,29 @@ class Supervisor:
     # ---- start-up -----------------------------------------------------------------
     def bind_all(self) -> list[str]:
         """Bind every pool's socket; on any error close them all and return the errors."""
-        bound, errors = {}, []
+        bound, errors, adopted = {}, [], set()
         for name, pc in self.config.pools.items():
             try:
-                bound[name] = listen.bind(pc.listen, pc.socket, (pc.uid, pc.gid))
-            except listen.ListenError as e:
+                fd = systemd.pick(self.passed, pc.listen)
+                if fd is not None:
+                    bound[name] = listen.adopt(fd, pc.listen)
+                    adopted.add(fd)
+                else:
+                    bound[name] = listen.bind(pc.listen, pc.socket, (pc.uid, pc.gid))
+            except (listen.ListenError, systemd.SystemdError) as e:
                 errors.append(f"{pc.where.get('listen', name)}: {e}")
         if errors:
             for b in bound.values():
                 b.close()
             return errors
+        for fd, name in self.passed:
+            if fd not in adopted:           # a pool that no longer exists
+                log.info(f"systemd passed a socket ({name}) no pool uses; closing it")
+                os.close(fd)
+                if name in self.config.pools or name == "unknown":
+                    continue
+                self.notify.remove_fds(name)
+        self.passed = []
         for name, pc in self.config.pools.items():
             self.pools[name] = Pool(pc, bound[name], self)
         return []
@@ -184,6 +200,13 @@ class Supervisor:
             pool.start()
         running = sum(len(p.children) for p in self.pools.values())
         log.info(f"ready: {len(self.pools)} pool(s), {running} child(ren) started")
+        if self.notify.enabled:
+            for pool in self.pools.values():
+                self._store(pool)
+            self.notify.ready(self.summary())
+            interval = self.notify.watchdog_interval()
+            if interval:
+                self.loop.call_later(interval, self._watchdog, interval)
         while self.exit_code is None:
             self.loop.run_once()
         self._kill_orphans()
@@ -192,6 +215,36 @@ class Supervisor:
         self._close_sockets()
         log.info("exiting")
         return self.exit_code
+
+    # ---- systemd -----------------------------------------------------------------------
+    def summary(self) -> str:
+        """One line for `systemctl status`."""
+        running = sum(len(p.live_children()) for p in self.pools.values())
+        desired = sum(p.desired for p in self.pools.values() if p.wanted)
+        text = f"{len(self.pools)} pool(s), {running}/{desired} children running"
+        trouble = [f"{p.name} {p.state}" for p in self.pools.values()
+                   if p.state in ("backoff", "degraded")]
+        return text + ("; " + ", ".join(trouble) if trouble else "")
+
+    def pool_changed(self, pool) -> None:
+        """Called by pools after every change: keep systemd's STATUS= line current."""
+        if self.notify.enabled and not self.shutting_down:
+            line = self.summary()
+            if line != self._status_line:
+                self._status_line = line
+                self.notify.status(line)
+
+    def _store(self, pool) -> None:
+        """Put a socket spawnd bound itself into systemd's fd store, so that a restart of
+        spawnd takes it back and no client is refused meanwhile."""
+        if pool.bound.path is not None or not pool.bound.address.startswith("systemd:"):
+            if self.notify.store_fds(pool.name, [pool.bound.fileno()]):
+                pool.bound.keep_file = True
+
+    def _watchdog(self, interval: float) -> None:
+        # Sent from a loop timer: if the loop wedges, the pings stop and systemd acts.
+        self.notify.watchdog()
+        self.loop.call_later(interval, self._watchdog, interval)
 
     def _setup_signals(self) -> None:
         rsock, wsock = socket.socketpair()
@@ -259,6 +312,7 @@ class Supervisor:
             return
         self.shutting_down = True
         log.info(f"stopping {len(self.pools)} pool(s)")
+        self.notify.stopping(f"stopping {len(self.pools)} pool(s)")
         self.loop.call_later(self.config.daemon.shutdown_timeout, self._shutdown_deadline)
         for pool in self.pools.values():
             pool.stop()
@@ -433,6 +487,12 @@ class Supervisor:
             reply(error="\n".join(errors))
             return
         log.info(f"reloading {self.config_path}")
+        self.notify.reloading(f"reloading {self.config_path}")
+        user_reply = reply
+
+        def reply(result=None, error=None):
+            self.notify.ready(self.summary())
+            user_reply(result, error)
         self.config = configmod.Config(new.daemon if self.admin is None else
                                        _keep_admin(self.config.daemon, new.daemon),
                                        new.pools, new.files)
@@ -451,6 +511,7 @@ class Supervisor:
                 waiting.append(self.pools[name])
         for name in added:
             pool = self.pools[name] = Pool(new_pools[name], bound[name], self)
+            self._store(pool)
             pool.start()
             waiting.append(pool)
         pending = set(waiting)
@@ -477,6 +538,8 @@ class Supervisor:
         if new_bound is not None:
             pool.retired_bounds.append(pool.bound)
             pool.bound = new_bound
+            self.notify.remove_fds(pool.name)
+            self._store(pool)
             if not pool.wanted:
                 for b in pool.retired_bounds:
                     b.close()
@@ -497,6 +560,8 @@ class Supervisor:
     def _forget_pool(self, pool: Pool) -> None:
         if self.pools.get(pool.name) is pool:
             del self.pools[pool.name]
+        self.notify.remove_fds(pool.name)
+        pool.bound.keep_file = False
         pool.bound.close()
         log.info(f"{pool.name}: removed")
 

@@ -14,13 +14,14 @@ from support.daemon import Spawnd
 POOL = """\
 spawnd:
   shutdown_timeout: 5s
+  admin_socket: admin.sock
 pools:
   web:
     command: [/usr/sbin/fcgiwrap]
     user: nobody
     listen: {listen}
 """
-LISTEN_LINE = 7   # the line of `listen:` above
+LISTEN_LINE = 8   # the line of `listen:` above
 
 
 def _run(tmp_path, listen):

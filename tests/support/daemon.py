@@ -26,14 +26,28 @@ def _wait(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {value!r}")
 
 
+def _with_admin_socket(text: str, path: str) -> str:
+    """Give a test daemon its own admin socket (never /run/spawnd/spawnd.sock) unless the
+    config names one. Only touches configs whose `spawnd:` section is absent or a block."""
+    if "admin_socket:" in text:
+        return text
+    if re.search(r"^spawnd:\s*$", text, re.M):
+        return re.sub(r"^spawnd:\s*$", f"spawnd:\n  admin_socket: {path}", text, count=1,
+                      flags=re.M)
+    if re.search(r"^spawnd:", text, re.M):
+        return text
+    return text.rstrip("\n") + f"\nspawnd: {{admin_socket: {path}}}\n"   # keeps line numbers
+
+
 class Spawnd:
     """spawnd -c <tmp>/spawnd.yaml, as a subprocess of the test."""
 
     def __init__(self, tmp_path, config: str, *, name: str = "spawnd.yaml", env=None):
         self.dir = tmp_path
         self.config_path = os.path.join(str(tmp_path), name)
+        self.admin_socket = os.path.join(str(tmp_path), "admin.sock")
         with open(self.config_path, "w") as f:
-            f.write(textwrap.dedent(config))
+            f.write(_with_admin_socket(textwrap.dedent(config), self.admin_socket))
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
