@@ -1,0 +1,306 @@
+"""The control plane through the real daemon: every spawnctl command, human and --json
+output, exit codes, and an admin socket that no client can wedge."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spawnd.fastcgi.protocol import ClientConnection, EndRequest, Stdout
+from support.daemon import Spawnd
+from support.proc import wait_for
+from support.pubdir import pub  # noqa: F401  (fixture)
+
+
+def ctl(d: Spawnd, *args, timeout=30, check=None):
+    """Run spawnctl against d's admin socket; returns CompletedProcess (text)."""
+    sock = os.path.join(str(d.dir), "admin.sock")
+    r = subprocess.run([sys.executable, "-m", "spawnd.ctl", *args, "-s", sock],
+                       capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def status(d: Spawnd, pool: str | None = None) -> dict:
+    r = ctl(d, "status", *([pool] if pool else []), "--json", check=0)
+    return json.loads(r.stdout)
+
+
+def pool_pids(d, pool) -> list[int]:
+    [p] = status(d, pool)["pools"]
+    return [c["pid"] for c in p["children"]]
+
+
+def wait_running(d: Spawnd) -> None:
+    wait_for(lambda: all(p["state"] == "running" for p in status(d)["pools"]),
+             what="every pool running")
+
+
+def _config(tmp_path, pub, pools: str) -> str:
+    return f"""\
+spawnd:
+  admin_socket: {tmp_path}/admin.sock
+  shutdown_timeout: 10s
+pools:
+{pools}"""
+
+
+def _cgi_pool(name, pub, n=2, extra=""):
+    return f"""\
+  {name}:
+    command: [/usr/sbin/fcgiwrap]
+    listen: unix:{pub}/{name}.sock
+    user: nobody
+    processes: {n}
+{extra}"""
+
+
+@pytest.fixture
+def daemon(tmp_path, pub):
+    with Spawnd(tmp_path, _config(tmp_path, pub, _cgi_pool("alpha", pub) + _cgi_pool("beta", pub, 1))) as d:
+        d.start()
+        wait_running(d)
+        yield d
+
+
+def test_status_human_and_json(daemon):
+    js = status(daemon)
+    assert [p["name"] for p in js["pools"]] == ["alpha", "beta"]
+    alpha = js["pools"][0]
+    assert alpha["state"] == "running" and alpha["desired"] == 2 and alpha["running"] == 2
+    assert sorted(c["pid"] for c in alpha["children"]) == sorted(daemon.children("alpha"))
+    for c in alpha["children"]:
+        assert c["rss"] > 0 and c["state"] == "running" and c["uptime"] > 0
+    # Options may come before the command too.
+    sock = os.path.join(str(daemon.dir), "admin.sock")
+    r = subprocess.run([sys.executable, "-m", "spawnd.ctl", "-s", sock, "--json", "status",
+                        "beta"], capture_output=True, text=True, check=True)
+    assert [p["name"] for p in json.loads(r.stdout)["pools"]] == ["beta"]
+    human = ctl(daemon, "status", check=0).stdout
+    assert re.search(r"^alpha\s+running\s+unix:\S+alpha\.sock\s+2/2\s+0$", human, re.M), human
+    for pid in daemon.children("alpha") + daemon.children("beta"):
+        assert re.search(rf"^\s+{pid}\s+running\s", human, re.M), human
+    assert "\x1b[" not in human, "no colour when stdout is not a TTY"
+
+
+def test_scale_up_and_down(daemon):
+    r = ctl(daemon, "scale", "alpha", "5", check=0)
+    assert r.stdout == "alpha: running, 5/5 running\n"
+    assert len(daemon.children("alpha")) == 5
+    r = ctl(daemon, "scale", "alpha", "1", "--json", check=0)
+    assert json.loads(r.stdout)["running"] == 1
+    wait_for(lambda: len(daemon.children("alpha")) == 1, what="alpha down to 1 child")
+    assert len(daemon.children("beta")) == 1
+    ctl(daemon, "scale", "alpha", "-1", check=2)    # argparse: not an option, not valid
+
+
+def test_restart_replaces_every_child_and_keeps_the_socket(daemon, pub):
+    before = set(pool_pids(daemon, "alpha"))
+    inode = os.stat(pub / "alpha.sock").st_ino
+    beta = pool_pids(daemon, "beta")
+    r = ctl(daemon, "restart", "alpha", "--json", check=0)
+    res = json.loads(r.stdout)
+    assert res["replaced"] == 2
+    after = set(pool_pids(daemon, "alpha"))
+    assert len(after) == 2 and not after & before
+    assert os.stat(pub / "alpha.sock").st_ino == inode
+    assert pool_pids(daemon, "beta") == beta
+
+
+def _fcgi_get(sock_path: str, script: str, conn: socket.socket | None = None) -> bytes:
+    """One FastCGI request on a (possibly already connected) socket; returns STDOUT."""
+    s = conn or socket.socket(socket.AF_UNIX)
+    if conn is None:
+        s.connect(sock_path)
+    s.settimeout(10)
+    cc = ClientConnection()
+    s.sendall(cc.begin_request(1, params=[("SCRIPT_FILENAME", script),
+                                          ("REQUEST_METHOD", "GET"), ("QUERY_STRING", "")])
+              + cc.send_stdin(1, b""))
+    out = b""
+    while True:
+        data = s.recv(65536)
+        assert data, "connection closed before END_REQUEST"
+        for ev in cc.receive_data(data):
+            if isinstance(ev, Stdout):
+                out += ev.data
+            elif isinstance(ev, EndRequest):
+                s.close()
+                return out
+
+
+def test_stop_keeps_socket_bound_and_clients_queue(daemon, pub):
+    script = pub / "q.cgi"
+    script.write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nqueued ok\\n'\n")
+    script.chmod(0o755)
+    r = ctl(daemon, "stop", "alpha", check=0)
+    assert r.stdout == "alpha: stopped\n"
+    assert daemon.children("alpha") == []
+    # No child, but the socket is there: a client connects and waits in the backlog.
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(str(pub / "alpha.sock"))
+    ctl(daemon, "start", "alpha", check=0)
+    assert _fcgi_get("", str(script), conn=c).endswith(b"queued ok\n")
+    assert len(daemon.children("alpha")) == 2
+
+
+def test_signal_logs_and_follow(tmp_path, pub):
+    script = pub / "usr1.sh"
+    script.write_text("#!/bin/sh\ntrap 'echo got usr1 $$' USR1\necho hello $$\n"
+                      "while :; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    pool = f"""\
+  talk:
+    command: [{script}]
+    listen: unix:{pub}/talk.sock
+    user: nobody
+    processes: 2
+"""
+    with Spawnd(tmp_path, _config(tmp_path, pub, pool)) as d:
+        d.start()
+        pids = d.wait_children("talk", 2)
+        for pid in pids:
+            d.wait_line(f"talk[{pid}]: hello {pid}")
+        r = ctl(d, "logs", "talk", "-n", "1", "--json", check=0)
+        assert len(json.loads(r.stdout)["lines"]) == 1
+        follow = subprocess.Popen([sys.executable, "-m", "spawnd.ctl", "-s",
+                                   f"{tmp_path}/admin.sock", "logs", "talk", "-n", "1", "-f"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            # Its first reply (one backlog line) means the follower is registered.
+            assert follow.stdout.readline().startswith("[")
+            r = ctl(d, "signal", "talk", "USR1", check=0)
+            assert r.stdout == "talk: sent SIGUSR1 to 2 child(ren)\n"
+            got = {follow.stdout.readline().strip() for _ in pids}
+            assert got == {f"[{pid}] got usr1 {pid}" for pid in pids}, got
+        finally:
+            follow.kill()
+            follow.wait()
+        r = ctl(d, "logs", "talk", check=0)
+        lines = r.stdout.splitlines()
+        assert {f"[{p}] hello {p}" for p in pids} <= set(lines), lines
+        ctl(d, "signal", "talk", "NOSUCHSIG", check=1)
+
+
+def test_metrics_match_status(daemon):
+    text = ctl(daemon, "metrics", check=0).stdout
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) spawnd_\w+ .+", line), line
+            continue
+        m = re.fullmatch(r'(spawnd_\w+)\{([^}]*)\} (\S+)', line)
+        assert m, line
+        samples[(m.group(1), m.group(2))] = float(m.group(3))
+    assert samples[("spawnd_pool_running_children", 'pool="alpha"')] == 2
+    assert samples[("spawnd_pool_up", 'pool="beta"')] == 1
+    for pid in daemon.children("alpha"):
+        assert samples[("spawnd_child_rss_bytes", f'pool="alpha",pid="{pid}"')] > 0
+
+
+def test_errors_and_exit_codes(daemon, tmp_path):
+    r = ctl(daemon, "stop", "nosuch", check=1)
+    assert "no pool named 'nosuch'" in r.stderr
+    r = ctl(daemon, "frobnicate", check=2)
+    r = subprocess.run([sys.executable, "-m", "spawnd.ctl", "-s", f"{tmp_path}/none.sock",
+                        "status"], capture_output=True, text=True)
+    assert r.returncode == 3 and "does not exist: is spawnd running?" in r.stderr, r
+
+
+def test_bad_lines_and_silent_clients_do_not_wedge_the_socket(daemon):
+    path = os.path.join(str(daemon.dir), "admin.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(path)                    # connects and never says anything
+    garbage = socket.socket(socket.AF_UNIX)
+    garbage.connect(path)
+    garbage.settimeout(10)
+    f = garbage.makefile("rb")
+    garbage.sendall(b"this is not json\n")
+    assert json.loads(f.readline())["ok"] is False
+    garbage.sendall(b'{"cmd": "status"}\n')       # the same connection still works
+    assert json.loads(f.readline())["ok"] is True
+    flood = socket.socket(socket.AF_UNIX)
+    flood.connect(path)
+    flood.settimeout(10)
+    sent = 0
+    try:
+        chunk = b"x" * 65536
+        while sent < 10 * 1024 * 1024:
+            flood.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                 # the daemon gave up on it: fine
+    reply = flood.makefile("rb").readline()
+    assert b"request longer than" in reply, reply
+    # Meanwhile and afterwards everybody else is served.
+    assert status(daemon)["pools"][0]["name"] == "alpha"
+    silent.close()
+    garbage.close()
+    flood.close()
+
+
+def test_shutdown_command(daemon):
+    r = ctl(daemon, "shutdown", check=0)
+    assert r.stdout == "spawnd is shutting down\n"
+    assert daemon.proc.wait(15) == 0
+    assert not os.path.exists(os.path.join(str(daemon.dir), "admin.sock"))
+
+
+def test_reload_add_remove_change_and_bad(tmp_path, pub):
+    cfg = _config(tmp_path, pub, _cgi_pool("keep", pub) + _cgi_pool("gone", pub, 1))
+    with Spawnd(tmp_path, cfg) as d:
+        d.start()
+        keep = sorted(d.wait_children("keep", 2))
+        # Add a pool, remove one: the kept pool's pids do not change.
+        with open(d.config_path, "w") as f:
+            f.write(_config(tmp_path, pub, _cgi_pool("keep", pub) + _cgi_pool("new", pub, 1)))
+        r = ctl(d, "reload", "--json", check=0)
+        res = json.loads(r.stdout)
+        assert res["added"] == ["new"] and res["removed"] == ["gone"], res
+        assert res["unchanged"] == ["keep"], res
+        assert sorted(pool_pids(d, "keep")) == keep
+        assert not (pub / "gone.sock").exists()
+        assert d.children("gone") == []
+        assert len(d.children("new")) == 1
+
+        # A bad config changes nothing and says where it is wrong.
+        with open(d.config_path, "w") as f:
+            f.write(_config(tmp_path, pub, _cgi_pool("keep", pub, extra="    procesess: 3\n")))
+        r = ctl(d, "reload", check=1)
+        assert f"{d.config_path}:10: pools.keep.procesess" in r.stderr, r.stderr
+        assert "did you mean 'processes'" in r.stderr
+        assert sorted(pool_pids(d, "keep")) == keep and len(d.children("new")) == 1
+
+        # Changing the children's environment is a rolling restart; the socket stays.
+        inode = os.stat(pub / "keep.sock").st_ino
+        with open(d.config_path, "w") as f:
+            f.write(_config(tmp_path, pub, _cgi_pool("keep", pub, extra="    env: {V: '2'}\n")))
+        res = json.loads(ctl(d, "reload", "--json", check=0).stdout)
+        assert res["restarted"] == ["keep"] and res["removed"] == ["new"], res
+        now = pool_pids(d, "keep")
+        assert len(now) == 2 and not set(now) & set(keep)
+        assert os.stat(pub / "keep.sock").st_ino == inode
+
+        # Moving the listen address binds the new socket first and removes the old one.
+        with open(d.config_path, "w") as f:
+            f.write(_config(tmp_path, pub, _cgi_pool("keep", pub, extra="    env: {V: '2'}\n")
+                            .replace("keep.sock", "moved.sock")))
+        ctl(d, "reload", check=0)
+        assert (pub / "moved.sock").exists() and not (pub / "keep.sock").exists()
+        [p] = status(d, "keep")["pools"]
+        assert p["listen"] == f"unix:{pub}/moved.sock" and p["running"] == 2
+
+        # SIGHUP reloads too.
+        with open(d.config_path, "w") as f:
+            f.write(_config(tmp_path, pub, _cgi_pool("keep", pub, 3, extra="    env: {V: '2'}\n")
+                            .replace("keep.sock", "moved.sock")))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: len(d.children("keep")) == 3, what="SIGHUP reload scaling keep to 3")
