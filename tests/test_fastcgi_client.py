@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from spawnd.fastcgi.client import (ConnectError, FastCGIError, build_params, parse_address,
-                                   parse_cgi_response, request)
+from spawnd.fastcgi.client import (ConnectError, FastCGIError, build_params, get_values,
+                                   parse_address, parse_cgi_response, request)
+from spawnd.fastcgi.protocol import (CANT_MPX_CONN, END_REQUEST, STDOUT, Request,
+                                     ServerConnection, StdinData, StdinEnd, encode_record)
 
 PHP_SCRIPT = r"""<?php
 if (isset($_GET['code'])) { http_response_code((int)$_GET['code']); }
@@ -293,8 +295,13 @@ class OneShotServer:
             conn.sendall(reply)
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept() (Linux)
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive(), "server thread did not stop"
 
 
 @pytest.fixture
@@ -312,7 +319,6 @@ def test_protocol_error_from_a_non_fastcgi_peer(garbage_server):
 
 
 def test_refusal_by_the_application_is_an_error():
-    from spawnd.fastcgi.protocol import CANT_MPX_CONN, END_REQUEST, encode_record
     server = OneShotServer(encode_record(END_REQUEST, 1, bytes(4) + bytes([CANT_MPX_CONN])
                                          + bytes(3)))
     try:
@@ -323,10 +329,9 @@ def test_refusal_by_the_application_is_an_error():
 
 
 def test_closed_before_end_request():
-    from spawnd.fastcgi.protocol import STDOUT, encode_record
     server = OneShotServer(encode_record(STDOUT, 1, b"Status: 200\r\n\r\npartial"))
     try:
-        with pytest.raises(FastCGIError, match="closed before END_REQUEST"):
+        with pytest.raises(FastCGIError, match="closed before the answer was complete"):
             request(server.address)
     finally:
         server.close()
@@ -376,3 +381,73 @@ def test_cli_exit_codes_for_failures(tmp_path, garbage_server):
     usage = cli("tcp:127.0.0.1:1", "-H", "no colon")
     assert usage.returncode == 2 and b"bad header" in usage.stderr
     assert cli("nowhere").returncode == 2
+
+
+# ---- the client and ServerConnection over a real socket ------------------------------
+class ProtocolServer:
+    """A real Unix-socket server driven by ServerConnection: answers GET_VALUES by itself
+    and echoes each request's method, query and number of STDIN records."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self._converse(conn)
+                except OSError:
+                    pass        # the client went away: serve the next one
+
+    @staticmethod
+    def _converse(conn: socket.socket) -> None:
+        fcgi, params, body = ServerConnection(max_conns=3, max_reqs=1), {}, []
+        while True:
+            data = conn.recv(65536)
+            for event in fcgi.receive_data(data):
+                if isinstance(event, Request):
+                    params = dict(event.params)
+                elif isinstance(event, StdinData):
+                    body.append(event.data)
+                elif isinstance(event, StdinEnd):
+                    text = b"%s %s %d" % (params[b"REQUEST_METHOD"],
+                                          params[b"QUERY_STRING"], len(body))
+                    conn.sendall(fcgi.send_stdout(1, b"X-A: 1\r\n\r\n" + text)
+                                 + fcgi.send_stderr(1, b"e") + fcgi.end_request(1, 7))
+            replies = fcgi.data_to_send()
+            if replies:
+                conn.sendall(replies)
+            if not data or not fcgi.keep_conn:
+                return
+
+    close = OneShotServer.close
+
+
+def test_client_against_server_connection(tmp_path):
+    server = ProtocolServer(str(tmp_path / "s.sock"))
+    address = f"unix:{tmp_path}/s.sock"
+    try:
+        response = request(address, "/p?z=9", method="PUT", body=b"abc")
+        assert (response.status, response.headers, response.body) == (
+            200, [("X-A", "1")], b"PUT z=9 1")
+        assert (response.stderr, response.app_status) == (b"e", 7)
+        assert get_values(address) == {b"FCGI_MAX_CONNS": b"3", b"FCGI_MAX_REQS": b"1",
+                                       b"FCGI_MPXS_CONNS": b"0"}
+    finally:
+        server.close()
+
+
+def test_get_values_from_php(php):
+    address, _ = php
+    values = get_values(address, [b"FCGI_MPXS_CONNS", b"FCGI_MAX_REQS", b"UNHEARD_OF"])
+    assert values[b"FCGI_MPXS_CONNS"] == b"0"
+    assert values[b"FCGI_MAX_REQS"].isdigit()
+    assert b"UNHEARD_OF" not in values

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 from .protocol import (PROTOCOL_STATUS_NAMES, REQUEST_COMPLETE, RESPONDER,
-                       ClientConnection, EndRequest, ProtocolError, Stderr, Stdout)
+                       ClientConnection, EndRequest, GetValuesResult, ProtocolError,
+                       Stderr, Stdout, UnknownType)
 
-__all__ = ["FastCGIError", "ConnectError", "Response", "request", "parse_address",
+__all__ = ["FastCGIError", "ConnectError", "Response", "request", "get_values",
+           "parse_address",
            "add_request_options", "request_from_options", "write_response", "main"]
 
 REQUEST_ID = 1
@@ -180,20 +182,50 @@ def request(address: str, uri: str = "/", *, method: str = "GET",
     ``timeout`` bounds the whole exchange (connect included). Raises ConnectError when
     nothing accepts the connection and FastCGIError for every other failure, including
     a refusal by the application (UNKNOWN_ROLE, CANT_MPX_CONN, OVERLOADED)."""
-    deadline = time.monotonic() + timeout
     wire_params = build_params(address, uri, method, headers, body, params)
     conn = ClientConnection()
     out = (conn.begin_request(REQUEST_ID, RESPONDER, keep_conn, wire_params)
            + conn.send_stdin(REQUEST_ID, body) + conn.send_stdin(REQUEST_ID, b""))
-    stdout, stderr = [], []
-    end = None
+    events = _exchange(address, conn, out, timeout, EndRequest)
+    end = events[-1]
+    if end.protocol_status != REQUEST_COMPLETE:
+        name = PROTOCOL_STATUS_NAMES.get(end.protocol_status, str(end.protocol_status))
+        raise FastCGIError(f"{address}: the application refused the request ({name})")
+    raw = b"".join(e.data for e in events if type(e) is Stdout)
+    status, reason, header_list, content = parse_cgi_response(raw, address)
+    return Response(status, reason, header_list, content,
+                    b"".join(e.data for e in events if type(e) is Stderr),
+                    end.app_status, end.protocol_status, raw)
+
+
+def get_values(address: str, names=(b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS",
+                                    b"FCGI_MPXS_CONNS"), *,
+               timeout: float = 10.0) -> dict[bytes, bytes]:
+    """Ask the application for its FastCGI limits (a GET_VALUES management record).
+
+    Returns the names it knows with their values; FastCGIError if it answers
+    UNKNOWN_TYPE (it does not implement management records)."""
+    conn = ClientConnection()
+    final = _exchange(address, conn, conn.get_values(names), timeout,
+                      (GetValuesResult, UnknownType))[-1]
+    if isinstance(final, UnknownType):
+        raise FastCGIError(f"{address}: the application does not support GET_VALUES")
+    return final.values
+
+
+def _exchange(address: str, conn: ClientConnection, out: bytes, timeout: float,
+              final) -> list:
+    """Connect, send ``out`` while receiving, and return every event up to and
+    including the first of type ``final``. ``timeout`` bounds the whole exchange."""
+    deadline = time.monotonic() + timeout
+    events: list = []
     with _connect(address, timeout) as sock, selectors.DefaultSelector() as selector:
         # Full duplex: the application may answer (and fill its socket buffer) before
         # it has read the whole body, so send and receive in one loop.
         sock.setblocking(False)
         pending = memoryview(out)
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        while end is None:
+        while not events or not isinstance(events[-1], final):
             left = deadline - time.monotonic()
             if left <= 0:
                 what = "sending the request" if pending else "waiting for the response"
@@ -213,29 +245,21 @@ def request(address: str, uri: str = "/", *, method: str = "GET",
                 continue
             try:
                 data = sock.recv(_RECV_SIZE)
-                events = conn.receive_data(data)
+                new = conn.receive_data(data)
             except BlockingIOError:
                 continue
             except ProtocolError as exc:
                 raise FastCGIError(f"{address}: protocol error: {exc}") from None
             except OSError as exc:
                 raise FastCGIError(f"{address}: connection lost: {exc}") from None
-            for event in events:
-                if isinstance(event, Stdout):
-                    stdout.append(event.data)
-                elif isinstance(event, Stderr):
-                    stderr.append(event.data)
-                elif isinstance(event, EndRequest):
-                    end = event
-            if not data and end is None:
-                raise FastCGIError(f"{address}: connection closed before END_REQUEST")
-    if end.protocol_status != REQUEST_COMPLETE:
-        name = PROTOCOL_STATUS_NAMES.get(end.protocol_status, str(end.protocol_status))
-        raise FastCGIError(f"{address}: the application refused the request ({name})")
-    raw = b"".join(stdout)
-    status, reason, header_list, content = parse_cgi_response(raw, address)
-    return Response(status, reason, header_list, content, b"".join(stderr),
-                    end.app_status, end.protocol_status, raw)
+            for event in new:
+                events.append(event)
+                if isinstance(event, final):
+                    return events
+            if not data:
+                raise FastCGIError(f"{address}: connection closed before the answer"
+                                   " was complete")
+    return events
 
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
