@@ -14,24 +14,9 @@ import time
 import pytest
 
 from spawnd.fastcgi.protocol import ClientConnection, EndRequest, Stdout
-from support.daemon import Spawnd
+from support.daemon import Spawnd, ctl, status
 from support.proc import wait_for
 from support.pubdir import pub  # noqa: F401  (fixture)
-
-
-def ctl(d: Spawnd, *args, timeout=30, check=None):
-    """Run spawnctl against d's admin socket; returns CompletedProcess (text)."""
-    sock = os.path.join(str(d.dir), "admin.sock")
-    r = subprocess.run([sys.executable, "-m", "spawnd.ctl", *args, "-s", sock],
-                       capture_output=True, text=True, timeout=timeout)
-    if check is not None:
-        assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
-    return r
-
-
-def status(d: Spawnd, pool: str | None = None) -> dict:
-    r = ctl(d, "status", *([pool] if pool else []), "--json", check=0)
-    return json.loads(r.stdout)
 
 
 def pool_pids(d, pool) -> list[int]:
@@ -304,3 +289,51 @@ def test_reload_add_remove_change_and_bad(tmp_path, pub):
                             .replace("keep.sock", "moved.sock")))
         d.signal(signal.SIGHUP)
         wait_for(lambda: len(d.children("keep")) == 3, what="SIGHUP reload scaling keep to 3")
+
+
+@pytest.fixture
+def reader_user():
+    """A real user in a real admin group, removed afterwards."""
+    subprocess.run(["groupadd", "-f", "spawnd-admins"], check=True)
+    subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-G", "spawnd-admins",
+                    "spawnd-reader"], check=False, capture_output=True)
+    try:
+        yield "spawnd-reader"
+    finally:
+        subprocess.run(["userdel", "spawnd-reader"], check=False, capture_output=True)
+        subprocess.run(["groupdel", "spawnd-admins"], check=False, capture_output=True)
+
+
+def _ctl_as(user, public_python, sock, *args):
+    python, env = public_python
+    return subprocess.run(["runuser", "-u", user, "--", python, "-m", "spawnd.ctl", "-s", sock,
+                           *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+@pytest.mark.parametrize("mode", ["0660", "0666"])
+def test_admin_group_reads_others_are_refused(tmp_path, pub, reader_user, public_python, mode):
+    import grp
+    sock = str(pub / "admin.sock")
+    cfg = f"""\
+spawnd:
+  admin_socket: {sock}
+  admin_mode: "{mode}"
+  admin_group: spawnd-admins
+pools:
+{_cgi_pool("alpha", pub)}"""
+    with Spawnd(tmp_path, cfg) as d:
+        d.start()
+        st = os.stat(sock)
+        assert st.st_mode & 0o777 == int(mode, 8)
+        assert st.st_gid == grp.getgrnam("spawnd-admins").gr_gid
+        r = _ctl_as(reader_user, public_python, sock, "status", "--json")
+        assert r.returncode == 0, r
+        assert json.loads(r.stdout)["pools"][0]["name"] == "alpha"
+        r = _ctl_as(reader_user, public_python, sock, "stop", "alpha")
+        assert r.returncode == 1 and "permission denied" in r.stderr, r
+        r = _ctl_as("nobody", public_python, sock, "status")
+        if mode == "0660":      # the file's mode keeps nobody out
+            assert r.returncode == 3 and "permission denied" in r.stderr, r
+        else:                   # the file lets nobody in; SO_PEERCRED does not
+            assert r.returncode == 1 and "permission denied: uid" in r.stderr, r
+        assert len(d.children("alpha")) == 2

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import json
 import textwrap
 import threading
 import time
@@ -45,9 +46,11 @@ class Spawnd:
     def __init__(self, tmp_path, config: str, *, name: str = "spawnd.yaml", env=None):
         self.dir = tmp_path
         self.config_path = os.path.join(str(tmp_path), name)
-        self.admin_socket = os.path.join(str(tmp_path), "admin.sock")
+        text = textwrap.dedent(config)
+        named = re.search(r"admin_socket:\s*(\S+)", text)
+        self.admin_socket = os.path.join(str(tmp_path), named.group(1) if named else "admin.sock")
         with open(self.config_path, "w") as f:
-            f.write(_with_admin_socket(textwrap.dedent(config), self.admin_socket))
+            f.write(_with_admin_socket(text, self.admin_socket))
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
@@ -170,3 +173,18 @@ class Spawnd:
 
     def wait_line(self, text: str, timeout=10.0) -> None:
         _wait(lambda: self.seen(text), timeout, f"log line containing {text!r}")
+
+
+def ctl(d: Spawnd, *args, timeout=30, check=None):
+    """Run spawnctl against d's admin socket; returns CompletedProcess (text)."""
+    sock = d.admin_socket
+    r = subprocess.run([sys.executable, "-m", "spawnd.ctl", *args, "-s", sock],
+                       capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert r.returncode == check, (r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def status(d: Spawnd, pool: str | None = None) -> dict:
+    r = ctl(d, "status", *([pool] if pool else []), "--json", check=0)
+    return json.loads(r.stdout)
