@@ -451,3 +451,10 @@ def test_get_values_from_php(php):
     assert values[b"FCGI_MPXS_CONNS"] == b"0"
     assert values[b"FCGI_MAX_REQS"].isdigit()
     assert b"UNHEARD_OF" not in values
+
+
+def test_connect_error_is_a_connection_error(tmp_path):
+    with pytest.raises(ConnectionError):
+        request(f"unix:{tmp_path}/absent.sock")
+    with pytest.raises(ValueError, match="bad FastCGI address"):
+        request("unix")

@@ -44,8 +44,9 @@ class FastCGIError(OSError):
     """The request failed: timeout, connection lost, protocol error, bad response."""
 
 
-class ConnectError(FastCGIError):
-    """Nothing accepted the connection (refused, no such socket, unreachable)."""
+class ConnectError(FastCGIError, ConnectionError):
+    """Nothing accepted the connection (refused, no such socket, unreachable, connect
+    timed out). Callers map it to "cannot reach" (exit status 3)."""
 
 
 @dataclass
@@ -182,6 +183,7 @@ def request(address: str, uri: str = "/", *, method: str = "GET",
     ``timeout`` bounds the whole exchange (connect included). Raises ConnectError when
     nothing accepts the connection and FastCGIError for every other failure, including
     a refusal by the application (UNKNOWN_ROLE, CANT_MPX_CONN, OVERLOADED)."""
+    body = _b(body)
     wire_params = build_params(address, uri, method, headers, body, params)
     conn = ClientConnection()
     out = (conn.begin_request(REQUEST_ID, RESPONDER, keep_conn, wire_params)
