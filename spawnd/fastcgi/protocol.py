@@ -10,6 +10,18 @@ thread-safe; use one per transport connection (or a lock around it).
 Both ends share one record framer (``_Framer``) and one name-value codec
 (``encode_pairs`` / ``decode_pairs``).
 
+Typical application loop (one connection)::
+
+    conn = ServerConnection()
+    while True:
+        data = sock.recv(65536)
+        for event in conn.receive_data(data):       # ProtocolError -> close
+            ...  # Request, StdinData, StdinEnd, AbortRequest
+        sock.sendall(conn.data_to_send())            # automatic replies, often b""
+        # answering: sock.sendall(conn.send_stdout(rid, body) + conn.end_request(rid))
+        if not data or (not conn.keep_conn and not conn.active_requests):
+            break
+
 Decisions the FastCGI 1.0 specification leaves open, made here once:
 
 * Events are produced per *complete* record, so the events never depend on how the input
