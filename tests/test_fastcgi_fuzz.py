@@ -158,7 +158,7 @@ def test_mutated_client_streams(data, cuts):
     assert drive_client(VALID_CLIENT, cuts) == VALID_CLIENT_EVENTS
 
 
-@FUZZ
+@settings(FUZZ, max_examples=150)
 @given(server_streams(), cut_lists, st.booleans())
 def test_valid_streams_parse_the_same_however_chunked(data, cuts, early_end):
     drive_server(data, cuts, early_end)                # reacting runner: no error
