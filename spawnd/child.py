@@ -18,8 +18,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-import psutil
-
 from . import health
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -50,21 +48,17 @@ class Child:
     restarts: int = 0              # restarts of the pool before this child started
     generation: int = 0            # a rolling restart replaces older generations
     timers: list = field(default_factory=list)
-    _proc: object = None           # psutil.Process, kept for CPU% between samples
-    _sample: tuple = (0.0, 0.0)    # (monotonic time, CPU seconds) at the last sample
+    _sample: tuple | None = None   # (monotonic time, CPU seconds) at the last status
 
     @property
     def pgid(self) -> int:
         return self.pid
 
-    def status(self, now: float) -> dict:
+    def status(self, now: float, snapshot: "health.Snapshot") -> dict:
         """pid, state, uptime, RSS and CPU% over the child's whole process tree.
         CPU% is measured since the previous status call (since start for the first)."""
-        if self._proc is None:
-            self._proc = psutil.Process(self.pid)
-            self._sample = (self.started, 0.0)
-        rss, cpu = health.tree_usage(self._proc)
-        then, cpu_then = self._sample
+        rss, cpu = snapshot.tree_usage(self.pid)
+        then, cpu_then = self._sample or (self.started, 0.0)
         self._sample = (now, cpu)
         wall = now - then
         return {"pid": self.pid, "state": self.state, "uptime": round(now - self.started, 3),

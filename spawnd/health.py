@@ -6,14 +6,13 @@
   thread does anything else than wait: for a client, a child process, a lock or an event.
   Stopped tasks (SIGSTOP) keep showing the call they were in, which makes a race-free
   check possible: stop the group, look, then signal or continue it.
-- Resource use of a child's whole process tree (RSS, CPU seconds) through psutil.
+- Resource use of a child's whole process tree (RSS, CPU seconds), from one pass over
+  /proc for all children at once (Snapshot).
 """
 from __future__ import annotations
 
 import os
 import platform
-
-import psutil
 
 # System call numbers by machine: (accept, accept4) and the calls that only wait.
 _SYSCALLS = {
@@ -100,19 +99,43 @@ def group_idle(pids) -> bool:
     return in_accept
 
 
-def tree_usage(proc: psutil.Process) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds) of proc and all its descendants."""
-    rss, cpu = 0, 0.0
-    try:
-        procs = [proc] + proc.children(recursive=True)
-    except psutil.Error:
-        return 0, 0.0
-    for p in procs:
-        try:
-            with p.oneshot():
-                rss += p.memory_info().rss
-                t = p.cpu_times()
-                cpu += t.user + t.system
-        except psutil.Error:
-            pass
-    return rss, cpu
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Snapshot:
+    """Every process's parent, CPU seconds and RSS, from one pass over /proc.
+
+    One read of /proc/PID/stat per process gives all three, so the usage of every child's
+    tree costs one scan per status call, not one scan per child."""
+
+    def __init__(self) -> None:
+        self.usage: dict[int, tuple[float, int]] = {}
+        self.kids: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2:].split()
+            pid = int(entry)
+            # fields[0] is state: ppid [1], utime [11], stime [12], rss pages [21]
+            self.kids.setdefault(int(fields[1]), []).append(pid)
+            self.usage[pid] = ((int(fields[11]) + int(fields[12])) / _TICKS,
+                               int(fields[21]) * _PAGE)
+
+    def tree_usage(self, pid: int) -> tuple[int, float]:
+        """(RSS bytes, CPU seconds) of pid and all its descendants."""
+        rss, cpu = 0, 0.0
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            u = self.usage.get(p)
+            if u is not None:
+                cpu += u[0]
+                rss += u[1]
+            todo.extend(self.kids.get(p, ()))
+        return rss, cpu

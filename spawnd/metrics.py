@@ -4,6 +4,8 @@ Written by hand: the format is a few lines of text, and the runtime dependencies
 PyYAML and psutil."""
 from __future__ import annotations
 
+from .health import Snapshot
+
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -17,8 +19,9 @@ def exposition(supervisor) -> str:
         label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
         fam[2].append(f"{name}{{{label_text}}} {value}")
 
+    snapshot = Snapshot()
     for pool in supervisor.pools.values():
-        st = pool.status()
+        st = pool.status(snapshot)
         lp = {"pool": pool.name}
         add("spawnd_pool_up", "gauge", "1 when the pool runs all its desired children",
             lp, int(st["state"] == "running"))

@@ -365,8 +365,9 @@ class Pool:
             _killpg(ch.pgid, signal.SIGCONT)
 
     # ---- status ---------------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self, snapshot: "health.Snapshot | None" = None) -> dict:
         now = time.monotonic()
+        snapshot = snapshot or health.Snapshot()
         return {
             "name": self.name,
             "state": self.state,
@@ -378,7 +379,7 @@ class Pool:
             "retry_in": None if self.retry_at is None else round(max(0.0, self.retry_at - now), 3),
             "last_exit": self.last_exit,
             "last_error": self.last_error,
-            "children": [c.status(now) for c in sorted(self.children.values(),
+            "children": [c.status(now, snapshot) for c in sorted(self.children.values(),
                                                       key=lambda c: c.started)],
         }
 

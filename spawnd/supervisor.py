@@ -23,7 +23,7 @@ import time
 import psutil
 
 from . import config as configmod
-from . import listen, systemd
+from . import health, listen, systemd
 from .control import AdminServer, CommandError
 from .log import log
 from .metrics import exposition
@@ -375,7 +375,8 @@ class Supervisor:
     def cmd_status(self, args, reply, conn):
         pools = [self._pool(args)] if args.get("pool") else list(self.pools.values())
         reply({"pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
-               "config": self.config_path, "pools": [p.status() for p in pools]})
+               "config": self.config_path,
+               "pools": [p.status(snap) for snap in [health.Snapshot()] for p in pools]})
 
     def cmd_start(self, args, reply, conn):
         pool = self._pool(args)

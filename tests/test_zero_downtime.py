@@ -1,0 +1,111 @@
+"""Rolling restart, scaling and reload under load through nginx: zero failed requests.
+
+fcgiwrap and php-cgi abort an in-flight request on SIGTERM, so these pass only because
+spawnd retires a child while it waits in accept() (stop.when: idle). The last test runs
+the same restart with stop.when: now and must see failures, which shows the mechanism is
+what prevents them."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from support.daemon import Spawnd, ctl, status
+from support.load import LoadInBackground
+from support.nginx import start_nginx
+from support.proc import wait_for
+from support.pubdir import pub  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+SLOW_CGI = """#!/bin/sh
+sleep 0.$(( ($$ % 3) + 1 ))
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+printf 'slow %s\\n' "$QUERY_STRING"
+"""
+
+
+def _setup(tmp_path, pub, *, when="idle", processes=3):
+    script = pub / "slow.cgi"
+    script.write_text(SLOW_CGI)
+    script.chmod(0o755)
+    cfg = f"""\
+spawnd:
+  admin_socket: {tmp_path}/admin.sock
+pools:
+  cgi:
+    command: [/usr/sbin/fcgiwrap]
+    listen: unix:{pub}/cgi.sock
+    socket: {{owner: www-data}}
+    user: nobody
+    processes: {processes}
+    stop: {{when: {when}, timeout: 10s}}
+"""
+    location = f"""
+    location /cgi/ {{
+        include /etc/nginx/fastcgi_params;
+        fastcgi_param SCRIPT_FILENAME {script};
+        fastcgi_next_upstream off;
+        fastcgi_pass unix:{pub}/cgi.sock;
+    }}
+"""
+    return cfg, location
+
+
+def _check(status, headers, body):
+    return status == 200 and re.fullmatch(rb"slow n=\d+\n", body) is not None
+
+
+def _pids(d):
+    return {c["pid"] for c in status(d, "cgi")["pools"][0]["children"]}
+
+
+def test_restart_scale_reload_under_load_lose_nothing(tmp_path, pub):
+    cfg, location = _setup(tmp_path, pub)
+    with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
+        d.start()
+        d.wait_children("cgi", 3)
+        with LoadInBackground([ngx.url(f"/cgi/?n={i}") for i in range(8)], clients=8,
+                              check=_check) as load:
+            wait_for(lambda: load.result().ok >= 20, timeout=20, what="load under way")
+            before = _pids(d)
+            res = json.loads(ctl(d, "restart", "cgi", "--json", check=0).stdout)
+            assert res["replaced"] == 3 and not _pids(d) & before
+
+            ctl(d, "scale", "cgi", "6", check=0)
+            assert len(_pids(d)) == 6
+            ctl(d, "scale", "cgi", "2", check=0)
+            assert len(_pids(d)) == 2
+
+            before = _pids(d)
+            with open(d.config_path, "w") as f:
+                f.write(cfg.replace("processes: 3", "processes: 2\n    env: {GEN: '2'}"))
+            res = json.loads(ctl(d, "reload", "--json", check=0).stdout)
+            assert res["restarted"] == ["cgi"], res
+            assert not _pids(d) & before
+            seen = load.result().ok
+            wait_for(lambda: load.result().ok >= seen + 10, timeout=20, what="load after reload")
+        result = load.result()
+        assert result.ok > 50, result
+        assert not result.failed and not result.errors, result
+        assert "upstream prematurely closed" not in ngx.error_log()
+        assert d.stop() == 0
+
+
+def test_signalling_busy_children_does_cut_requests(tmp_path, pub):
+    """The control experiment: stop.when: now sends SIGTERM to busy fcgiwrap children."""
+    cfg, location = _setup(tmp_path, pub, when="now")
+    with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
+        d.start()
+        d.wait_children("cgi", 3)
+        with LoadInBackground([ngx.url(f"/cgi/?n={i}") for i in range(8)], clients=8,
+                              check=_check) as load:
+            wait_for(lambda: load.result().ok >= 20, timeout=20, what="load under way")
+            for _ in range(3):
+                ctl(d, "restart", "cgi", check=0)
+        result = load.result()
+        assert sum(result.failed.values()) > 0, \
+            f"expected cut requests without the idle check: {result}"
+        assert d.stop() == 0
