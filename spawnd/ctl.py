@@ -182,12 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("reload", "re-read the configuration and apply the differences")
     c = cmd("request", "send one FastCGI request to a pool's socket and print the response")
     c.add_argument("pool")
-    c.add_argument("uri", nargs="?", default="/")
-    c.add_argument("-X", "--method", default=None)
-    c.add_argument("-d", "--data", default=None, help="request body (@FILE reads a file)")
-    c.add_argument("-H", "--header", action="append", default=[], help="'Name: value'")
-    c.add_argument("-e", "--param", action="append", default=[], help="NAME=VALUE FastCGI param")
-    c.add_argument("--timeout", type=float, default=10.0)
+    from .fastcgi.client import add_request_options
+    add_request_options(c)
     c = cmd("logs", "recent lines the pool's children wrote")
     c.add_argument("pool")
     c.add_argument("-n", "--lines", type=int, default=50)
@@ -242,52 +238,27 @@ def _logs(client: Client, args, as_json: bool) -> int:
 
 
 def _request(args, path: str, as_json: bool) -> int:
+    """The FastCGI client (spawnd.fastcgi.client), pointed at the pool's socket."""
     from .fastcgi import client as fcgi
-    status = Client(path).call("status", pool=args.pool)
-    address = status["pools"][0]["listen"]
-    body = b""
-    if args.data is not None:
-        if args.data.startswith("@"):
-            with open(args.data[1:], "rb") as f:
-                body = f.read()
-        else:
-            body = args.data.encode()
-    headers = []
-    for h in args.header:
-        name, sep, value = h.partition(":")
-        if not sep:
-            print(f"spawnctl: bad header {h!r} (expected 'Name: value')", file=sys.stderr)
-            return 2
-        headers.append((name.strip(), value.strip()))
-    params = {}
-    for e in args.param:
-        name, sep, value = e.partition("=")
-        if not sep:
-            print(f"spawnctl: bad param {e!r} (expected NAME=VALUE)", file=sys.stderr)
-            return 2
-        params[name] = value
-    method = args.method or ("POST" if args.data is not None else "GET")
+    address = Client(path).call("status", pool=args.pool)["pools"][0]["listen"]
     try:
-        resp = fcgi.request(address, args.uri, method=method, params=params, headers=headers,
-                            body=body, timeout=args.timeout)
+        resp = fcgi.request_from_options(address, args)
+    except ValueError as e:
+        print(f"spawnctl: {e}", file=sys.stderr)
+        return 2
+    except fcgi.ConnectError as e:
+        print(f"spawnctl: cannot connect to {address}: {e.strerror or e}", file=sys.stderr)
+        return 3
     except fcgi.FastCGIError as e:
         print(f"spawnctl: request to {address} failed: {e}", file=sys.stderr)
-        return 3 if isinstance(e, ConnectionError) or "connect" in str(e).lower() else 1
+        return 1
     if as_json:
-        print(json.dumps({"status": resp.status, "headers": resp.headers,
+        print(json.dumps({"status": resp.status, "reason": resp.reason, "headers": resp.headers,
                           "body": resp.body.decode("utf-8", "replace"),
                           "stderr": resp.stderr.decode("utf-8", "replace")}))
     else:
-        sys.stdout.write(f"Status: {resp.status} {resp.reason}\n")
-        for name, value in resp.headers:
-            sys.stdout.write(f"{name}: {value}\n")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(resp.body)
-        sys.stdout.buffer.flush()
-        if resp.stderr:
-            sys.stderr.buffer.write(resp.stderr)
-    return 0 if 200 <= resp.status < 300 else 1
+        fcgi.write_response(resp, sys.stdout.buffer, sys.stderr.buffer)
+    return fcgi.exit_status(resp)
 
 
 if __name__ == "__main__":

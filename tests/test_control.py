@@ -337,3 +337,28 @@ pools:
         else:                   # the file lets nobody in; SO_PEERCRED does not
             assert r.returncode == 1 and "permission denied: uid" in r.stderr, r
         assert len(d.children("alpha")) == 2
+
+
+def test_request_command(daemon, pub):
+    script = pub / "echo.cgi"
+    script.write_text("#!/bin/sh\n"
+                      "if [ \"$QUERY_STRING\" = missing ]; then printf 'Status: 404 Not Found\\r\\n'; fi\n"
+                      "printf 'Content-Type: text/plain\\r\\nX-Method: %s\\r\\n\\r\\n' \"$REQUEST_METHOD\"\n"
+                      "printf 'q=%s h=%s\\n' \"$QUERY_STRING\" \"$HTTP_X_TEST\"\n"
+                      "cat\n")
+    script.chmod(0o755)
+    sf = f"SCRIPT_FILENAME={script}"
+    r = ctl(daemon, "request", "alpha", "/x?a=1", "-e", sf, "-H", "X-Test: yes", check=0)
+    assert r.stdout == ("Status: 200 OK\nContent-Type: text/plain\nX-Method: GET\n\n"
+                        "q=a=1 h=yes\n"), r.stdout
+    r = ctl(daemon, "request", "alpha", "/", "-e", sf, "-d", "posted body", "--json", check=0)
+    res = json.loads(r.stdout)
+    assert res["status"] == 200 and res["body"] == "q= h=\nposted body"
+    assert ["X-Method", "POST"] in res["headers"]
+    r = ctl(daemon, "request", "alpha", "/?missing", "-e", sf, check=1)
+    assert r.stdout.startswith("Status: 404 Not Found\n")
+    ctl(daemon, "request", "alpha", "-H", "no colon", check=2)
+    ctl(daemon, "stop", "alpha", check=0)
+    os.unlink(pub / "alpha.sock")        # nobody listens at that address any more
+    r = ctl(daemon, "request", "alpha", "/", check=3)
+    assert "cannot connect" in r.stderr
