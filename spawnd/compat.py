@@ -36,9 +36,8 @@ import yaml
 
 from . import __version__
 from . import config as configmod
-from . import listen as listenmod
+from . import systemd
 from .log import log
-from .pool import Pool
 from .supervisor import Supervisor
 
 __all__ = ["main", "UsageError", "Refused", "Invocation", "parse", "pool_mapping"]
@@ -448,38 +447,25 @@ def load(name: str, pool: dict, origin: dict[str, str], directory: str,
 # ---------------------------------------------------------------------------------------
 # The socket inherited on fd 0 (multiwatch mode)
 
-def inherited_socket() -> tuple[listenmod.Bound, str]:
-    """Take over the listening socket on fd 0; fd 0 becomes /dev/null.
-    Returns the Bound and its address as a listen string."""
-    try:
-        sock = socket.socket(fileno=os.dup(0))
-    except OSError as e:
-        raise Refused([f"fd 0 is not a socket ({e.strerror or e}): multiwatch mode supervises "
-                       "the listening socket it inherits, e.g. from spawn-fcgi -n; "
-                       f"use {PROG} -s PATH or -p PORT to bind one"]) from None
-    try:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        addr = sock.getsockname()
-    except OSError as e:
-        sock.close()
-        raise Refused([f"fd 0: {e.strerror or e}"]) from None
-    if sock.type != socket.SOCK_STREAM or not listening:
-        sock.close()
+INHERITED = "stdin"      # the name the inherited socket is passed to the supervisor under
+
+
+def inherited_socket() -> int:
+    """A private copy of the listening socket on fd 0, which becomes /dev/null. It is
+    handed to the supervisor like a socket systemd passes, and adopted by the pool whose
+    listen is ``systemd:stdin``: the file, if any, stays spawn-fcgi's (never removed)."""
+    info = systemd.socket_address(0)
+    if info is None:
+        raise Refused(["fd 0 is not a socket: multiwatch mode supervises the listening socket "
+                       "it inherits, e.g. from spawn-fcgi -n; "
+                       f"use {PROG} -s PATH or -p PORT to bind one"])
+    if info.type != socket.SOCK_STREAM or not info.listening:
         raise Refused(["fd 0 is a socket but not a listening stream socket"])
-    if sock.family == socket.AF_UNIX:
-        if not isinstance(addr, str) or not addr:
-            sock.close()
-            raise Refused(["fd 0 is an unnamed or abstract Unix socket; spawnd-fcgi needs a path"])
-        text = f"unix:{os.path.abspath(addr)}"
-    elif sock.family == socket.AF_INET6:
-        text = f"tcp:[{addr[0]}]:{addr[1]}"
-    else:
-        text = f"tcp:{addr[0]}:{addr[1]}"
-    sock.setblocking(True)
+    fd = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.close(devnull)
-    return listenmod.Bound(sock, text), text
+    return fd
 
 
 # ---------------------------------------------------------------------------------------
@@ -581,12 +567,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def _run(inv: Invocation) -> int:
-    bound = None
-    inherited = None
     if inv.inherit_socket:
-        bound, inherited = inherited_socket()
+        passed = [(inherited_socket(), INHERITED)]
+    else:
+        try:
+            passed = systemd.listen_fds()          # socket activation works as for spawnd
+        except systemd.SystemdError as e:
+            raise Refused([f"socket activation: {e}"]) from None
     try:
-        name, pool, origin, refusals = pool_mapping(inv, inherited=inherited)
+        name, pool, origin, refusals = pool_mapping(
+            inv, inherited=f"systemd:{INHERITED}" if inv.inherit_socket else None)
         pidfile = Pidfile(inv.pidfile) if inv.pidfile else None
         if pidfile:
             refusals += pidfile.check()
@@ -595,14 +585,12 @@ def _run(inv: Invocation) -> int:
                      "a failing one is restarted with exponential backoff")
         with tempfile.TemporaryDirectory(prefix="spawnd-fcgi.") as tmp:
             config, path = load(name, pool, origin, tmp, refusals)
-            sup = FcgiSupervisor(config, path)
-            if bound is not None:
-                sup.pools[name] = Pool(config.pools[name], bound, sup)
-                bound = None
-            else:
-                errors = sup.bind_all()
-                if errors:
-                    raise Refused([explain(e, path, name, origin) for e in errors])
+            sup = FcgiSupervisor(config, path, passed=passed,
+                                 notify=systemd.Notifier.from_environ())
+            errors = sup.bind_all()
+            passed = []                             # adopted or closed by bind_all
+            if errors:
+                raise Refused([explain(e, path, name, origin) for e in errors])
             failed = []
             if pidfile:
                 def write_pidfile():
@@ -620,8 +608,8 @@ def _run(inv: Invocation) -> int:
                     pidfile.remove()
             return 1 if failed else code
     finally:
-        if bound is not None:
-            bound.close()
+        for fd, _ in passed:
+            os.close(fd)
 
 
 if __name__ == "__main__":
