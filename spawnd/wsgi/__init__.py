@@ -1,0 +1,1 @@
+"""spawnd-wsgi: the WSGI-to-FastCGI runner (see docs/spawnd-wsgi.md)."""

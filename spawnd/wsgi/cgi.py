@@ -1,0 +1,78 @@
+"""CGI mode: one request from the process environment and stdin, the response on stdout.
+
+The request body is read from fd 0 up to CONTENT_LENGTH bytes (some CGI servers hand over
+the client connection itself as stdin, so reading to end of file could block); without a
+CONTENT_LENGTH it is read to end of file.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from spawnd.wsgi.environ import NotMounted, build_environ, content_length
+from spawnd.wsgi.response import NOT_FOUND, FileWrapper, PeerGone, run_app
+from spawnd.wsgi.stream import InputStream
+
+CHUNK = 1 << 16
+
+
+class StdoutSink:
+    """Raw response bytes to a file descriptor, unbuffered."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise PeerGone() from exc
+
+
+def body_reader(fd: int, length: int | None):
+    remaining = [length]
+
+    def next_chunk() -> bytes:
+        left = remaining[0]
+        if left == 0:
+            return b""
+        data = os.read(fd, CHUNK if left is None else min(CHUNK, left))
+        if left is not None:
+            remaining[0] = left - len(data) if data else 0
+        return data
+    return next_chunk
+
+
+def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
+              stdout_fd: int = 1) -> int:
+    """Serve the one request; returns the exit status (0 unless stdout failed)."""
+    params = [(name.decode("latin-1"), value.decode("latin-1"))
+              for name, value in os.environb.items()]
+    sink = StdoutSink(stdout_fd)
+    try:
+        environ = build_environ(params, script_name)
+    except NotMounted:
+        try:
+            sink.send(NOT_FOUND, end=True)
+        except PeerGone:
+            return 1
+        return 0
+    try:
+        length = content_length(environ)
+    except ValueError:
+        length = 0
+        print(f"spawnd-wsgi: invalid CONTENT_LENGTH {environ['CONTENT_LENGTH']!r};"
+              " ignoring the body", file=sys.stderr)
+    environ.update({
+        "wsgi.version": (1, 0),
+        "wsgi.input": InputStream(body_reader(stdin_fd, length)),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": True,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    })
+    return 0 if run_app(app, environ, sink) else 1

@@ -1,0 +1,105 @@
+"""CGI/FastCGI parameters -> a PEP 3333 environ (without the wsgi.* streams).
+
+Decisions, made once here for both the FastCGI and the CGI mode:
+
+* Names and values are decoded as latin-1: every byte survives as one code point (the
+  PEP 3333 "native string" convention). A UTF-8 path arrives as its bytes.
+* Duplicate names: for HTTP_* headers the values are joined with ", " (HTTP_COOKIE with
+  "; ", as RFC 6265 wants for one Cookie header); for any other name the last value wins
+  (as when a ``fastcgi_param`` given twice overrides an included one).
+* HTTP_CONTENT_TYPE and HTTP_CONTENT_LENGTH are dropped (PEP 3333 forbids them); when the
+  server did not send CONTENT_TYPE, the header's value is used for it. An empty
+  CONTENT_LENGTH/CONTENT_TYPE is removed: the body is then read to the end of STDIN.
+* SCRIPT_NAME/PATH_INFO (see ``split_path``): with ``--script-name`` the server's
+  SCRIPT_NAME + PATH_INFO is split at the prefix; otherwise PATH_INFO is trusted when it
+  was sent, and when it was not (nginx's stock fastcgi_params send only SCRIPT_NAME, set
+  to the whole path) the application is taken to be mounted at the root. PATH_INFO is
+  never derived from REQUEST_URI (which is not decoded or normalised).
+"""
+from __future__ import annotations
+
+REQUIRED_DEFAULTS = {
+    "REQUEST_METHOD": "GET",
+    "QUERY_STRING": "",
+    "SERVER_NAME": "localhost",
+    "SERVER_PORT": "80",
+    "SERVER_PROTOCOL": "HTTP/1.0",
+}
+
+
+class NotMounted(Exception):
+    """The request path is outside ``--script-name``: answer 404."""
+
+
+def normalise_prefix(prefix: str | None) -> str | None:
+    """``--script-name`` value -> "" (root) or "/a/b" (no trailing slash)."""
+    if prefix is None:
+        return None
+    prefix = prefix.strip()
+    if prefix and not prefix.startswith("/"):
+        raise ValueError(f"--script-name must start with '/': {prefix!r}")
+    return prefix.rstrip("/")
+
+
+def split_path(script_name: str | None, path_info: str | None,
+               prefix: str | None) -> tuple[str, str]:
+    """Return (SCRIPT_NAME, PATH_INFO) following the rules in the module docstring."""
+    if prefix is not None:
+        full = (script_name or "") + (path_info or "")
+        if full == prefix or full.startswith(prefix + "/") or not prefix:
+            return prefix, full[len(prefix):]
+        raise NotMounted(full)
+    if path_info is None:            # no split by the server: the app is at the root
+        return "", script_name or "/"
+    script = script_name or ""
+    if path_info and not path_info.startswith("/"):
+        path_info = "/" + path_info
+    if script.endswith("/"):         # "/app/" + "x" -> "/app", "/x"; "/" -> "", "/"
+        stripped = script.rstrip("/")
+        path_info = script[len(stripped):] + path_info.lstrip("/") if path_info \
+            else script[len(stripped):]
+        if not path_info.startswith("/"):
+            path_info = "/" + path_info
+        script = stripped
+    return script, path_info
+
+
+def build_environ(params, prefix: str | None = None) -> dict:
+    """``params``: iterable of (name, value) as bytes (FastCGI) or latin-1 str (CGI)."""
+    env: dict = {}
+    for name, value in params:
+        if type(name) is bytes:
+            name = name.decode("latin-1")
+            value = value.decode("latin-1")
+        old = env.get(name)
+        if old is not None and name.startswith("HTTP_"):
+            value = old + ("; " if name == "HTTP_COOKIE" else ", ") + value
+        env[name] = value
+    ctype = env.pop("HTTP_CONTENT_TYPE", None)
+    env.pop("HTTP_CONTENT_LENGTH", None)
+    if ctype is not None and "CONTENT_TYPE" not in env:
+        env["CONTENT_TYPE"] = ctype
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if name in env and not env[name]:
+            del env[name]
+    for name, default in REQUIRED_DEFAULTS.items():
+        if name not in env:
+            env[name] = default
+    env["SCRIPT_NAME"], env["PATH_INFO"] = split_path(
+        env.get("SCRIPT_NAME"), env.get("PATH_INFO"), prefix)
+    scheme = env.get("REQUEST_SCHEME", "").lower()
+    if scheme not in ("http", "https"):
+        scheme = "https" if env.get("HTTPS", "").lower() in ("on", "1") else "http"
+    env["wsgi.url_scheme"] = scheme
+    return env
+
+
+def content_length(env: dict) -> int | None:
+    """CONTENT_LENGTH as an int, None when absent; ValueError when malformed."""
+    raw = env.get("CONTENT_LENGTH")
+    if raw is None:
+        return None
+    n = int(raw.strip())
+    if n < 0:
+        raise ValueError(f"negative CONTENT_LENGTH {raw!r}")
+    return n

@@ -1,0 +1,274 @@
+"""spawnd-wsgi: serve a WSGI application over FastCGI (or once, as a CGI script).
+
+    spawnd-wsgi [OPTIONS] MODULE[:CALLABLE]
+
+CALLABLE defaults to ``application`` (the PEP 3333 / mod_wsgi convention); it may be a
+dotted path (``pkg.mod:obj.wsgi_app``) and may end in ``()`` to call a factory with no
+arguments (``app:create_app()``). Exit status: 0 after a normal stop, 2 for a usage or
+start-up error (bad option, import failure, no listening socket), 1 when the single CGI
+response could not be written.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import os
+import re
+import socket
+import stat
+import sys
+import traceback
+
+from spawnd.wsgi.environ import normalise_prefix
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+class UsageError(Exception):
+    pass
+
+
+def duration(text: str) -> float:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration (like 250ms, 10s, 5m): {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1: {text!r}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spawnd-wsgi",
+        description="Serve a WSGI application on the FastCGI listening socket on fd 0 "
+                    "(as spawnd starts it), on --bind, or once as a CGI script when fd 0 "
+                    "is not a socket.")
+    p.add_argument("app", metavar="MODULE[:CALLABLE]",
+                   help="the application; CALLABLE defaults to 'application', may be a "
+                        "dotted path and may end in '()' to call a factory")
+    p.add_argument("--bind", metavar="unix:PATH|tcp:HOST:PORT",
+                   help="bind and listen here instead of using fd 0 (development)")
+    p.add_argument("--backlog", type=positive, default=1024, help="listen backlog for --bind")
+    p.add_argument("--threads", type=positive, default=1,
+                   help="worker threads running the application (default 1: the "
+                        "application runs in the event loop thread)")
+    p.add_argument("--script-name", metavar="PREFIX",
+                   help="the application is mounted at PREFIX: SCRIPT_NAME+PATH_INFO is "
+                        "split there (404 outside it)")
+    p.add_argument("--max-requests", type=positive, default=None, metavar="N",
+                   help="exit (status 0) after N requests, finishing those in flight")
+    p.add_argument("--graceful-timeout", type=duration, default=30.0, metavar="DURATION",
+                   help="at TERM/INT/--max-requests, how long requests in flight may "
+                        "still take (default 30s)")
+    p.add_argument("--io-timeout", type=duration, default=60.0, metavar="DURATION",
+                   help="a blocked read or write on a connection fails after this "
+                        "(default 60s)")
+    p.add_argument("--chdir", metavar="DIR",
+                   help="change to DIR before importing, and put DIR first on sys.path")
+    p.add_argument("-e", "--env-file", action="append", default=[], metavar="FILE",
+                   help="KEY=VALUE lines added to the environment before importing "
+                        "(repeatable; '#' comments and blank lines are ignored)")
+    return p
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE per line; optional 'export ' prefix; one level of matching quotes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read env file {path}: {exc}") from None
+    env = {}
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("export "):
+            text = text[7:].lstrip()
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise UsageError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+def load_app(spec: str):
+    module_name, _, attr = spec.partition(":")
+    attr = attr or "application"
+    call = attr.endswith("()")
+    if call:
+        attr = attr[:-2]
+    if not module_name or not all(part.isidentifier() for part in attr.split(".")):
+        raise UsageError(f"expected MODULE[:CALLABLE], got {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) and module_name.startswith(exc.name or "\0"):
+            raise UsageError(f"cannot import {module_name!r}: {exc} (sys.path starts "
+                             f"with {sys.path[:3]})") from None
+        raise UsageError(f"importing {module_name!r} failed:\n"
+                         f"{traceback.format_exc()}") from None
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UsageError(f"importing {module_name!r} failed:\n"
+                         f"{traceback.format_exc()}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            hint = ""
+            if part == "application" and hasattr(obj, "app"):
+                hint = f" (it has 'app': use {module_name}:app)"
+            raise UsageError(f"{module_name!r} has no attribute {attr!r}{hint}") from None
+    if call:
+        try:
+            obj = obj()
+        except Exception:
+            raise UsageError(f"calling {spec} failed:\n{traceback.format_exc()}") from None
+    if not callable(obj):
+        raise UsageError(f"{spec} is not callable (it is {type(obj).__name__})")
+    return obj
+
+
+def listener_on_fd0() -> socket.socket | None:
+    """The listening socket on fd 0, None when fd 0 is something else (CGI mode)."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(mode):
+        return None
+    sock = socket.socket(fileno=0)
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        try:
+            sock.getpeername()
+            listening = 0
+        except OSError as exc:
+            listening = exc.errno == errno.ENOTCONN
+    if listening:
+        return sock
+    sock.detach()
+    return None
+
+
+def bind(address: str, backlog: int) -> socket.socket:
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        if os.path.exists(rest):
+            if not stat.S_ISSOCK(os.stat(rest).st_mode):
+                raise UsageError(f"--bind {address}: exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(rest)
+                raise UsageError(f"--bind {address}: in use (something answers there)")
+            except OSError:
+                os.unlink(rest)          # a stale socket
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = rest
+    elif kind == "tcp" and rest.rpartition(":")[0]:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        try:
+            port_n = int(port)
+        except ValueError:
+            raise UsageError(f"--bind {address}: bad port {port!r}") from None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        target = (host, port_n)
+    else:
+        raise UsageError(f"--bind: expected unix:PATH or tcp:HOST:PORT, got {address!r}")
+    try:
+        sock.bind(target)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"--bind {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"spawnd-wsgi: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    try:
+        prefix = normalise_prefix(args.script_name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for path in args.env_file:
+        os.environ.update(read_env_file(path))
+    if args.chdir:
+        try:
+            os.chdir(args.chdir)
+        except OSError as exc:
+            raise UsageError(f"--chdir {args.chdir}: {exc.strerror}") from None
+    sys.path.insert(0, os.getcwd())
+    listener = bind(args.bind, args.backlog) if args.bind else listener_on_fd0()
+    if listener is None and "GATEWAY_INTERFACE" not in os.environ:
+        raise UsageError("fd 0 is not a listening socket and GATEWAY_INTERFACE is not set "
+                         "(not a CGI request): start me from spawnd, or use --bind")
+    from spawnd.wsgi.server import Server, log, parse_allowed
+    try:
+        allowed = parse_allowed(os.environ.get("FCGI_WEB_SERVER_ADDRS"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    app = load_app(args.app)
+    if listener is None:
+        from spawnd.wsgi.cgi import serve_cgi
+        return serve_cgi(app, prefix)
+    server = Server(app, listener, threads=args.threads, script_name=prefix,
+                    max_requests=args.max_requests or 0,
+                    graceful_timeout=args.graceful_timeout, io_timeout=args.io_timeout,
+                    allowed=allowed, multiprocess=not args.bind)
+    where = args.bind or f"fd 0 ({_describe(listener)})"
+    log(f"serving {args.app} on {where} with {args.threads} thread(s)")
+    try:
+        return server.serve()
+    finally:
+        if args.bind and args.bind.startswith("unix:"):
+            try:
+                os.unlink(args.bind[5:])
+            except OSError:
+                pass
+        if not args.bind:
+            listener.detach()
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        return f"tcp:{name[0]}:{name[1]}"
+    return f"unix:{name}" if name else "unix"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

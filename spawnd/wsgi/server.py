@@ -1,0 +1,538 @@
+"""The FastCGI server: one epoll loop, one acceptor thread, optional worker threads.
+
+Threads and who owns what
+-------------------------
+* The **loop** (the main thread) waits in ``epoll`` on every connection that is idle
+  between requests, on connections being drained before close, and on the signal
+  wake-up pipe. It reads an idle connection only when it is readable (``MSG_DONTWAIT``),
+  so an idle keep-alive connection never holds it up.
+* The **acceptor** thread blocks in ``accept4()`` on the listening socket and registers
+  each new connection in the epoll set itself (epoll is thread-safe in the kernel): no
+  queue, no wake-up write, no extra system call per connection. The listening socket
+  stays exactly as it was given (blocking, shared with sibling processes): nothing here
+  changes its flags, and blocking in ``accept()`` cannot race with a sibling the way
+  select-then-accept does. ``accept4`` is called through ctypes, because Python's
+  ``socket.accept`` retries EINTR in non-main threads: through ctypes a signal sent to
+  the acceptor (``pthread_kill``) interrupts a *waiting* accept without taking a
+  connection, so a stopping runner never accepts a connection it will not serve.
+* Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
+  to the thread that runs the application: the loop itself with ``--threads 1``, else a
+  worker. That thread reads STDIN from the socket only when the application reads
+  ``wsgi.input`` (the socket buffer is the backpressure: memory stays bounded however
+  large the upload), writes the response, and hands the connection back (re-arming its
+  EPOLLONESHOT registration) or closes it.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import ipaddress
+import os
+import queue
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+from spawnd.fastcgi.protocol import (AbortRequest, ProtocolError, Request, ServerConnection,
+                                     StdinData, StdinEnd)
+from spawnd.wsgi.environ import NotMounted, build_environ
+from spawnd.wsgi.response import NOT_FOUND, FileWrapper, PeerGone, run_app
+from spawnd.wsgi.stream import InputStream
+
+RECV_SIZE = 1 << 18
+DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
+DRAIN_TIME = 2.0            # seconds a draining connection may take
+FRESH_GRACE = 1.0           # at stop, seconds a new connection has to send its request
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_accept4 = _libc.accept4
+_accept4.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+_accept4.restype = ctypes.c_int
+
+
+def log(message: str) -> None:
+    try:
+        sys.stderr.write(f"spawnd-wsgi[{os.getpid()}]: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class ClientDisconnected(ConnectionError):
+    """Raised to the application reading wsgi.input when the request cannot continue
+    (the web server closed the connection, aborted the request, or broke the protocol)."""
+
+
+# ---- FCGI_WEB_SERVER_ADDRS -----------------------------------------------------------
+def parse_allowed(value: str | None) -> frozenset | None:
+    """Comma-separated addresses -> a set of normalised ip_address objects.
+
+    None or a value with no address means "no restriction". IPv4-mapped IPv6 addresses
+    are stored as IPv4, and IPv6 zone ids are ignored. ValueError for anything else."""
+    if value is None:
+        return None
+    out = set()
+    for item in value.split(","):
+        item = item.strip()
+        if item:
+            try:
+                out.add(normalise_ip(item))
+            except ValueError:
+                raise ValueError(f"FCGI_WEB_SERVER_ADDRS: {item!r} is not an IP address")
+    return frozenset(out) or None
+
+
+def normalise_ip(text: str):
+    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+# ---- one connection ------------------------------------------------------------------
+class Conn:
+    __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
+                 "draining", "deadline", "drained", "eof")
+
+    def __init__(self, sock: socket.socket, proto: ServerConnection) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.proto = proto
+        self.events: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.busy = False           # a thread other than the loop's idle handling owns it
+        self.closed = False
+        self.served = 0
+        self.draining = False
+        self.deadline = 0.0
+        self.drained = 0
+        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        """Protocol input; automatic replies (GET_VALUES, refusals) are sent at once.
+        ProtocolError and OSError propagate."""
+        if not data:
+            self.eof = True
+        self.events.extend(self.proto.receive_data(data))
+        out = self.proto.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
+
+class FcgiSink:
+    """Response output of one request: STDOUT records, then END_REQUEST."""
+    __slots__ = ("conn", "rid", "ended")
+
+    def __init__(self, conn: Conn, rid: int) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.ended = False
+
+    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+        conn = self.conn
+        if conn.closed or conn.eof:
+            raise PeerGone()
+        proto = conn.proto
+        out = proto.send_stdout(self.rid, data) if data else b""
+        if end:
+            out += proto.end_request(self.rid, status)
+            self.ended = True
+        try:
+            conn.sock.sendall(out)
+        except OSError as exc:
+            conn.eof = True
+            raise PeerGone() from exc
+
+
+# ---- the server ----------------------------------------------------------------------
+class Server:
+    def __init__(self, app, listener: socket.socket, *, threads: int = 1,
+                 script_name: str | None = None, max_requests: int = 0,
+                 graceful_timeout: float = 30.0, io_timeout: float = 60.0,
+                 allowed=None, multiprocess: bool = True) -> None:
+        self.app = app
+        self.listener = listener
+        self.family = listener.family
+        self.threads = threads
+        self.prefix = script_name
+        self.max_requests = max_requests
+        self.graceful_timeout = graceful_timeout
+        self.allowed = allowed if listener.family in (socket.AF_INET,
+                                                       socket.AF_INET6) else None
+        tv = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))
+        self._timeval = tv
+        self.requests = 0
+        self.stopping = False
+        self.conns: dict[int, Conn] = {}
+        self.epoll = select.epoll()
+        self._arm = select.EPOLLIN | (select.EPOLLONESHOT if threads > 1 else 0)
+        self._draining: set[Conn] = set()
+        self._lock = threading.Lock()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._max_conns = max(1, min(nofile, 1 << 20) - 16)
+        self._environ_base = {
+            "wsgi.version": (1, 0),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": threads > 1,
+            "wsgi.multiprocess": multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+        self._work: queue.SimpleQueue | None = None
+        self._acceptor: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- life cycle ----------------------------------------------------------------------
+    def serve(self) -> int:
+        """Run until stopped (signal or --max-requests); returns the exit status."""
+        self.epoll.register(self._wake_r, select.EPOLLIN)
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        old_handlers = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self.threads > 1:
+                self._work = queue.SimpleQueue()
+                for n in range(self.threads):
+                    threading.Thread(target=self._worker, name=f"wsgi-worker-{n}",
+                                     daemon=True).start()
+            self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor",
+                                              daemon=True)
+            self._acceptor.start()
+            self._loop()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log(f"{signal.Signals(signum).name}: finishing requests in flight, then exiting")
+
+    def stop(self) -> None:
+        """Stop accepting, finish what is in flight, then return from serve()."""
+        self.stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    # -- the acceptor thread -------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        lfd = self.listener.fileno()
+        flags = socket.SOCK_CLOEXEC
+        while not self.stopping:
+            fd = _accept4(lfd, None, None, flags)
+            if fd < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINTR, errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
+                    continue
+                if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log(f"accept: {os.strerror(err)}; pausing 100ms")
+                    time.sleep(0.1)   # resource exhaustion: back off, then retry
+                    continue
+                log(f"accept failed: {os.strerror(err)}; stopping")
+                self.stop()
+                return
+            self._adopt(fd)
+
+    def _adopt(self, fd: int) -> None:
+        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
+        try:
+            if self._allowed(sock):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
+                conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
+                                                   max_reqs=1, mpxs_conns=False))
+                self.conns[fd] = conn
+                self.epoll.register(fd, self._arm)
+                return
+        except OSError as exc:
+            log(f"dropping a new connection: {exc}")
+            self.conns.pop(fd, None)
+        sock.close()
+
+    def _allowed(self, sock: socket.socket) -> bool:
+        if self.allowed is not None:
+            try:
+                peer = normalise_ip(sock.getpeername()[0])
+            except (OSError, ValueError):
+                peer = None
+            if peer not in self.allowed:
+                log(f"refusing connection from {peer} (not in FCGI_WEB_SERVER_ADDRS)")
+                return False
+        return True
+
+    # -- the loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        deadline = fresh_deadline = None
+        kicked = 0.0
+        while True:
+            timeout = -1
+            now = time.monotonic()
+            if self._draining:
+                with self._lock:
+                    first = min((c.deadline for c in self._draining), default=now)
+                timeout = max(0.0, first - now)
+            if self.stopping:
+                timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
+            for fd, _mask in self.epoll.poll(timeout):
+                if fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                conn = self.conns.get(fd)
+                if conn is not None and not conn.busy:
+                    self._on_readable(conn)
+            if self._draining:
+                self._expire_drains()
+            if self.stopping:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.graceful_timeout
+                    fresh_deadline = now + min(FRESH_GRACE, self.graceful_timeout)
+                    self._close_idle()
+                elif now > fresh_deadline:
+                    self._close_idle(fresh=True)
+                acceptor = self._acceptor
+                if acceptor is not None and acceptor.is_alive() and now - kicked > 0.015:
+                    kicked = now
+                    try:
+                        signal.pthread_kill(acceptor.ident, signal.SIGTERM)
+                    except (ProcessLookupError, OSError):
+                        pass
+                if self._finished():
+                    return
+                if now > deadline:
+                    busy = sum(1 for c in list(self.conns.values()) if c.busy)
+                    log(f"graceful timeout: exiting with {busy} request(s) unfinished")
+                    return
+
+    def _finished(self) -> bool:
+        if self._acceptor is not None and self._acceptor.is_alive():
+            return False
+        for conn in list(self.conns.values()):
+            if conn.busy or conn.draining or (conn.served == 0 and not conn.closed):
+                return False
+        return True
+
+    def _close_idle(self, fresh: bool = False) -> None:
+        """At stop: connections between requests are closed, unless a request is
+        already waiting in their buffer (then it is served). New connections that have
+        not sent a request yet get FRESH_GRACE more (``fresh=True`` closes them too)."""
+        for conn in list(self.conns.values()):
+            if conn.busy or conn.draining or (conn.served == 0 and not fresh):
+                continue
+            self._on_readable(conn)
+            if not conn.busy and not conn.closed and not conn.draining:
+                self._close(conn)
+
+    def _on_readable(self, conn: Conn) -> None:
+        if conn.draining:
+            return self._drain(conn)
+        try:
+            data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return self._rearm(conn)
+        except OSError:
+            return self._close(conn)
+        try:
+            conn.feed(data)
+        except ProtocolError as exc:
+            log(f"closing connection: FastCGI protocol error: {exc}")
+            return self._close(conn, graceful=True)
+        except OSError:
+            return self._close(conn)
+        if conn.events and type(conn.events[0]) is Request:
+            return self._dispatch(conn)
+        if conn.eof:
+            return self._close(conn)
+        self._rearm(conn)
+
+    def _dispatch(self, conn: Conn) -> None:
+        conn.busy = True
+        self.requests += 1
+        if self.max_requests and self.requests >= self.max_requests and not self.stopping:
+            log(f"served {self.requests} requests (--max-requests): exiting")
+            self.stopping = True
+        if self._work is not None:
+            self._work.put(conn)
+        else:
+            self._serve_conn(conn)
+
+    def _rearm(self, conn: Conn) -> None:
+        if self._arm & select.EPOLLONESHOT:
+            try:
+                self.epoll.modify(conn.fd, self._arm)
+            except OSError:
+                self._close(conn)
+
+    def _close(self, conn: Conn, graceful: bool = False) -> None:
+        """Forget and close; ``graceful``: shut down our side and let the loop read
+        what the peer still sends (bounded), so the peer sees no reset."""
+        with conn.lock:
+            if conn.closed:
+                return
+            if graceful and not conn.eof:
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                else:
+                    conn.draining = True
+                    conn.busy = False
+                    conn.deadline = time.monotonic() + DRAIN_TIME
+                    with self._lock:
+                        self._draining.add(conn)
+                    self._rearm_any(conn)
+                    if threading.current_thread() is not threading.main_thread():
+                        self._wake()    # the loop must learn the new deadline
+                    return
+            conn.closed = True
+            conn.draining = False
+            self.conns.pop(conn.fd, None)
+            try:
+                self.epoll.unregister(conn.fd)
+            except OSError:
+                pass
+            conn.sock.close()
+        if self.stopping and threading.current_thread() is not threading.main_thread():
+            self._wake()
+
+    def _rearm_any(self, conn: Conn) -> None:
+        try:
+            self.epoll.modify(conn.fd, self._arm)
+        except OSError:
+            pass
+
+    def _drain(self, conn: Conn) -> None:
+        try:
+            while True:
+                data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                conn.drained += len(data)
+                if not data or conn.drained > DRAIN_LIMIT:
+                    conn.eof = True
+                    break
+        except BlockingIOError:
+            return self._rearm(conn)
+        except OSError:
+            conn.eof = True
+        with self._lock:
+            self._draining.discard(conn)
+        self._close(conn)
+
+    def _expire_drains(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [c for c in self._draining if c.deadline <= now]
+            self._draining.difference_update(expired)
+        for conn in expired:
+            conn.eof = True
+            self._close(conn)
+
+    # -- serving requests (loop thread with --threads 1, else a worker) ------------------
+    def _worker(self) -> None:
+        while True:
+            conn = self._work.get()
+            try:
+                self._serve_conn(conn)
+            except Exception as exc:  # never lose a worker
+                log(f"internal error serving a connection: {exc!r}")
+                self._close(conn)
+
+    def _serve_conn(self, conn: Conn) -> None:
+        events = conn.events
+        while True:
+            req = events.popleft()
+            finished, input_done = self._handle(conn, req)
+            while events and type(events[0]) is not Request:
+                events.popleft()    # late STDIN of the finished request
+            conn.served += 1
+            if conn.closed:
+                return
+            if conn.eof or not finished:
+                return self._close(conn)
+            if not conn.proto.keep_conn or self.stopping:
+                # Close now when the peer has nothing more to send; else drain first.
+                return self._close(conn, graceful=not input_done)
+            if events:
+                continue            # a pipelined request
+            with conn.lock:
+                conn.busy = False
+                if conn.closed:
+                    return
+                self._rearm_any(conn)
+            return
+
+    def _handle(self, conn: Conn, req: Request) -> tuple[bool, bool]:
+        """Serve one request. Returns (the request was ended properly, its STDIN was
+        received to the end); the connection is not reused when the first is False."""
+        rid = req.request_id
+        sink = FcgiSink(conn, rid)
+        stream = InputStream(lambda: self._next_stdin(conn, rid))
+        try:
+            environ = build_environ(req.params, self.prefix)
+        except NotMounted:
+            try:
+                sink.send(NOT_FOUND, end=True)
+            except PeerGone:
+                return False, False
+            return True, self._stdin_ended(conn)
+        environ.update(self._environ_base)
+        environ["wsgi.input"] = stream
+        run_app(self.app, environ, sink)
+        if not sink.ended and not conn.eof and not conn.closed:
+            try:            # aborted or failed mid-response: end the request anyway
+                conn.sock.sendall(conn.proto.end_request(rid, 1))
+                sink.ended = True
+            except (OSError, ValueError):
+                conn.eof = True
+        return sink.ended, stream.finished or self._stdin_ended(conn)
+
+    @staticmethod
+    def _stdin_ended(conn: Conn) -> bool:
+        return any(type(ev) is StdinEnd for ev in conn.events)
+
+    def _next_stdin(self, conn: Conn, rid: int) -> bytes:
+        """The next piece of request ``rid``'s STDIN (b"" at its end), reading the
+        socket (blocking, with the I/O timeout) only when nothing is buffered."""
+        events = conn.events
+        while True:
+            while events:
+                ev = events[0]
+                kind = type(ev)
+                if kind is StdinData:
+                    events.popleft()
+                    return ev.data
+                if kind is StdinEnd:
+                    events.popleft()
+                    return b""
+                if kind is AbortRequest:
+                    events.popleft()
+                    raise ClientDisconnected("the web server aborted the request")
+                raise ClientDisconnected(f"unexpected {kind.__name__} in STDIN")
+            if conn.eof:
+                raise ClientDisconnected("the web server closed the connection")
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+                conn.feed(data)
+            except ProtocolError as exc:
+                conn.eof = True
+                raise ClientDisconnected(f"FastCGI protocol error: {exc}") from None
+            except OSError as exc:
+                conn.eof = True
+                raise ClientDisconnected(f"reading the request body: {exc}") from None
