@@ -49,6 +49,8 @@ class Child:
     generation: int = 0            # a rolling restart replaces older generations
     timers: list = field(default_factory=list)
     _sample: tuple | None = None   # (monotonic time, CPU seconds) at the last status
+    cpu_sample: tuple | None = None   # the same, for recycling (max_cpu)
+    cpu_over: int = 0              # consecutive samples above max_cpu
 
     @property
     def pgid(self) -> int:

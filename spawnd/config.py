@@ -157,6 +157,7 @@ class Daemon:
     admin_group: int | None = None
     include: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
+    sample_interval: float = 5.0      # how often RSS/CPU are sampled for recycle limits
     where: Mapping[str, str] = field(compare=False, default_factory=dict, repr=False)
 
 
@@ -621,7 +622,8 @@ def _rlimit_value(v: _V, name: str) -> int:
 # ---------------------------------------------------------------------------------------
 # Sections
 
-_DAEMON_KEYS = ("admin_socket", "admin_mode", "admin_group", "include", "shutdown_timeout")
+_DAEMON_KEYS = ("admin_socket", "admin_mode", "admin_group", "include", "shutdown_timeout",
+                "sample_interval")
 _POOL_KEYS = ("command", "listen", "socket", "processes", "user", "group", "cwd", "chroot",
               "umask", "env", "inherit_env", "allowed_clients", "rlimits", "restart", "backoff",
               "ready_after", "stop", "recycle", "probe")
@@ -723,6 +725,7 @@ def _daemon(ctx: _Context, top: _V | None, base_dir: str) -> Daemon:
         admin_group=f.get("admin_group", group, None),
         include=f.get("include", include, ()),
         shutdown_timeout=f.get("shutdown_timeout", _duration(), Daemon.shutdown_timeout),
+        sample_interval=f.get("sample_interval", _duration(), Daemon.sample_interval),
     )
     if not f.ok:
         values = {k: v for k, v in values.items() if v is not _BAD}

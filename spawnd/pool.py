@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import subprocess
 import time
@@ -44,6 +45,8 @@ from .log import log
 STOPPED, STARTING, RUNNING, BACKOFF, DEGRADED, STOPPING = (
     "stopped", "starting", "running", "backoff", "degraded", "stopping")
 LOG_LINES = 1000         # lines kept per pool for `spawnctl logs`
+AGE_SPREAD = 0.1         # max_age is shortened by up to this fraction, at random, per child
+CPU_SAMPLES = 3          # max_cpu must be exceeded this many samples in a row
 IDLE_RETRY = 0.02        # seconds between two looks at a busy child being retired
 STOP_SETTLE = 0.001      # first look after SIGSTOP; the kernel stops the group promptly
 
@@ -77,6 +80,7 @@ class Pool:
         self.rolling = False
         self.retired_bounds = []        # old sockets closed when a rolling restart completes
         self.restarts = 0
+        self.replacements = collections.Counter()   # cause -> count (crash, age, rss, cpu, ...)
         self.last_exit: str | None = None
         self.last_error: str | None = None
         self._waiters: list = []        # (predicate, callback)
@@ -146,6 +150,35 @@ class Pool:
         self.manage()
         self._changed()
 
+    def replace(self, ch, cause: str) -> None:
+        """Replace one child gracefully: its successor is started (and ready) first."""
+        if ch.pid not in self.children or ch.state == "stopping" or ch.generation < 0:
+            return
+        log.info(f"{self.name}: replacing child {ch.pid} ({cause})")
+        self.replacements[cause] += 1
+        ch.generation = -1              # older than any generation: the rolling step takes it
+        if self.wanted:
+            self.rolling = True
+            self._changed()
+
+    def check_resources(self, snapshot, now: float) -> None:
+        """Recycle children over max_rss, or over max_cpu for CPU_SAMPLES samples in a row
+        (measured over each child's whole process tree)."""
+        limits = self.config.recycle
+        for ch in list(self.children.values()):
+            if ch.state != "running" or ch.generation < 0:
+                continue
+            rss, cpu = snapshot.tree_usage(ch.pid)
+            then, cpu_then = ch.cpu_sample or (ch.started, 0.0)
+            ch.cpu_sample = (now, cpu)
+            if limits.max_rss and rss > limits.max_rss:
+                self.replace(ch, "rss")
+            elif limits.max_cpu and now > then:
+                busy = 100.0 * (cpu - cpu_then) / (now - then)
+                ch.cpu_over = ch.cpu_over + 1 if busy > limits.max_cpu else 0
+                if ch.cpu_over >= CPU_SAMPLES:
+                    self.replace(ch, "cpu")
+
     def rolling_restart(self) -> None:
         """Replace every child, one at a time: start a new one, when it is ready retire an
         old one. The socket stays bound; settled() tells when it is done."""
@@ -199,6 +232,10 @@ class Pool:
         self.last_error = None
         self.loop.watch_output(self, ch)
         ch.timers.append(self.loop.call_later(self.config.ready_after, self._ready, ch))
+        recycle = self.config.recycle
+        if recycle is not None and recycle.max_age:
+            age = recycle.max_age * (1 - AGE_SPREAD * random.random())
+            ch.timers.append(self.loop.call_later(age, self.replace, ch, "age"))
         log.info(f"{self.name}: started child {ch.pid}")
         return True
 
@@ -244,7 +281,7 @@ class Pool:
             for b in self.retired_bounds:
                 b.close()
             self.retired_bounds = []
-            log.info(f"{self.name}: rolling restart complete")
+            log.info(f"{self.name}: replacement complete")
             return
         if any(c.state == "stopping" for c in old):
             return                      # one old child at a time
@@ -291,6 +328,7 @@ class Pool:
             self.desired = max(0, self.desired - 1)
             return
         self.restarts += 1
+        self.replacements["crash" if failed else "exit"] += 1
         if failed:
             if ran < self.config.backoff.reset_after:
                 self._failed()
@@ -375,6 +413,7 @@ class Pool:
             "desired": self.desired,
             "running": len(self.live_children()),
             "restarts": self.restarts,
+            "replacements": dict(self.replacements),
             "failures": self.streak,
             "retry_in": None if self.retry_at is None else round(max(0.0, self.retry_at - now), 3),
             "last_exit": self.last_exit,

@@ -151,6 +151,7 @@ class Supervisor:
         self.shutting_down = False
         self.exit_code: int | None = None
         self.admin: AdminServer | None = None
+        self._resource_timer = None
         self.started = time.time()
 
     # ---- start-up -----------------------------------------------------------------
@@ -200,6 +201,7 @@ class Supervisor:
             pool.start()
         running = sum(len(p.children) for p in self.pools.values())
         log.info(f"ready: {len(self.pools)} pool(s), {running} child(ren) started")
+        self._schedule_resources()
         if self.notify.enabled:
             for pool in self.pools.values():
                 self._store(pool)
@@ -215,6 +217,26 @@ class Supervisor:
         self._close_sockets()
         log.info("exiting")
         return self.exit_code
+
+    # ---- resource recycling -------------------------------------------------------------
+    def _schedule_resources(self) -> None:
+        """A sampling timer runs only while some pool has max_rss or max_cpu: no pool with
+        limits, no wake-ups."""
+        if self._resource_timer is None and any(
+                p.config.recycle and (p.config.recycle.max_rss or p.config.recycle.max_cpu)
+                for p in self.pools.values()):
+            self._resource_timer = self.loop.call_later(self.config.daemon.sample_interval,
+                                                        self._sample_resources)
+
+    def _sample_resources(self) -> None:
+        self._resource_timer = None
+        pools = [p for p in self.pools.values() if p.config.recycle and
+                 (p.config.recycle.max_rss or p.config.recycle.max_cpu)]
+        if pools:
+            snapshot, now = health.Snapshot(), time.monotonic()
+            for pool in pools:
+                pool.check_resources(snapshot, now)
+        self._schedule_resources()
 
     # ---- systemd -----------------------------------------------------------------------
     def summary(self) -> str:
@@ -523,6 +545,7 @@ class Supervisor:
                 log.info("reload complete: " + ", ".join(
                     f"{k} {' '.join(v)}" for k, v in done.items() if v and k != "unchanged"))
                 reply(done)
+        self._schedule_resources()
         if not pending:
             reply(done)
         for pool in waiting:
