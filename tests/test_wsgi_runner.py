@@ -1,0 +1,364 @@
+"""spawnd-wsgi as a process, driven with raw FastCGI (no web server in between)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from spawnd.fastcgi.protocol import (BEGIN_REQUEST, ClientConnection, GetValuesResult,
+                                     encode_record)
+from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
+                               wait_until, write_app)
+
+APPS = r'''
+import os, sys, time
+
+def hello(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello pid=%d path=%s" % (os.getpid(), environ["PATH_INFO"].encode("latin-1"))]
+
+def echo(environ, start_response):
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+def slow(environ, start_response):
+    time.sleep(float(environ["QUERY_STRING"] or "1"))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"slow done"]
+
+def raise_before(environ, start_response):
+    raise RuntimeError("boom before start_response")
+
+def raise_after(environ, start_response):
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"partial")
+    def gen():
+        yield b" more"
+        raise RuntimeError("boom after start_response")
+    return gen()
+
+class Recorded:
+    def __init__(self, marker):
+        self.marker = marker
+    def __iter__(self):
+        chunk = b"x" * 65536
+        for _ in range(100000):
+            yield chunk
+    def close(self):
+        with open(self.marker, "a") as f:
+            f.write("closed\n")
+
+def endless(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return Recorded(os.environ["MARKER"])
+
+def router(environ, start_response):
+    name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
+    return globals()[name](environ, start_response)
+'''
+
+
+@pytest.fixture
+def appdir(tmp_path):
+    write_app(tmp_path, "apps", APPS)
+    return tmp_path
+
+
+def test_serves_a_request_and_answers_get_values(appdir):
+    with Runner(appdir, "apps:hello", "--threads", "3") as r:
+        ex = Exchange(r.path)
+        out, err, end = ex.request(cgi_params("/a/b"))
+        assert split_cgi(out)[0] == 200 and b"path=/a/b" in out, out
+        assert end.app_status == 0 and end.protocol_status == 0
+        ex.close()
+        s = connect(r.path)
+        client = ClientConnection()
+        s.sendall(client.get_values([b"FCGI_MAX_REQS", b"FCGI_MPXS_CONNS", b"NOPE"]))
+        events = []
+        while not events:
+            events = client.receive_data(s.recv(4096))
+        s.close()
+        assert events == [GetValuesResult({b"FCGI_MAX_REQS": b"1",
+                                           b"FCGI_MPXS_CONNS": b"0"})]
+        assert r.stop() == 0
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_idle_keepalive_connections_do_not_starve_new_requests(appdir, threads):
+    with Runner(appdir, "apps:hello", "--threads", threads) as r:
+        idle = []
+        for _ in range(20):
+            ex = Exchange(r.path)
+            assert split_cgi(ex.request(cgi_params("/"), keep_conn=True)[0])[0] == 200
+            idle.append(ex)          # held open, idle, like nginx's keepalive cache
+        half = socket.socket(socket.AF_UNIX)
+        half.connect(r.path)
+        half.sendall(b"\x01\x01\x00")   # a partial record that never completes
+        t0 = time.monotonic()
+        for _ in range(20):
+            ex = Exchange(r.path, timeout=5)
+            assert b"hello" in ex.request(cgi_params("/new"))[0]
+            ex.close()
+        # the idle connections are still usable
+        for ex in idle:
+            assert b"hello" in ex.request(cgi_params("/again"), keep_conn=True)[0]
+            ex.close()
+        half.close()
+        assert time.monotonic() - t0 < 5
+        assert r.stop() == 0
+
+
+def test_large_upload_and_download_through_the_protocol(appdir):
+    body = os.urandom(3 << 20)
+    with Runner(appdir, "apps:echo") as r:
+        ex = Exchange(r.path)
+        out, _, end = ex.request(cgi_params("/", "POST", body=body), body)
+        assert split_cgi(out)[2] == body and end.app_status == 0
+
+
+@pytest.mark.parametrize("garbage", [
+    encode_record(BEGIN_REQUEST, 1, b"\x00\x01\x00"),          # 3-byte BEGIN_REQUEST body
+    b"\x02\x01\x00\x01\x00\x08\x00\x00" + b"\x00\x01" + b"\x00" * 6,   # version 2
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                       # not FastCGI at all
+    encode_record(12 + 100, 1, b"") * 0 + encode_record(6, 1, b"x"),   # STDOUT sent to us
+])
+def test_malformed_input_closes_only_that_connection(appdir, garbage):
+    with Runner(appdir, "apps:hello") as r:
+        bad = connect(r.path, timeout=5)
+        bad.sendall(garbage)
+        bad.settimeout(5)
+        closed = False
+        try:
+            data = bad.recv(65536)
+            while data:
+                data = bad.recv(65536)
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except socket.timeout:
+            pass
+        assert closed, "the runner kept a connection that sent malformed FastCGI"
+        bad.close()
+        ex = Exchange(r.path)
+        assert b"hello" in ex.request(cgi_params("/ok"))[0]
+        assert "protocol error" in r.stderr()
+
+
+def test_application_errors(appdir):
+    with Runner(appdir, "apps:router") as r:
+        out, _, end = Exchange(r.path).request(cgi_params("/raise_before"))
+        assert split_cgi(out)[0] == 500 and end.app_status == 0
+        wait_until(lambda: "boom before start_response" in r.stderr(), 5, "traceback")
+        assert "Traceback" in r.stderr()
+        ex = Exchange(r.path)
+        out, _, end = ex.request(cgi_params("/raise_after"), keep_conn=True)
+        assert split_cgi(out)[0] == 200 and split_cgi(out)[2] == b"partial more"
+        assert end.app_status != 0
+        # the connection is still in a clean state
+        assert b"hello" in ex.request(cgi_params("/hello"), keep_conn=True)[0]
+        wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
+
+
+def test_client_abort_mid_response_calls_close_and_runner_survives(appdir):
+    marker = appdir / "closed.txt"
+    with Runner(appdir, "apps:router", "--threads", "2",
+                env={"MARKER": str(marker)}) as r:
+        s = connect(r.path)
+        client = ClientConnection()
+        s.sendall(client.begin_request(1, params=cgi_params("/endless"))
+                  + client.send_stdin(1, b""))
+        got = 0
+        while got < 1 << 20:
+            got += len(s.recv(1 << 16))
+        s.close()
+        wait_until(lambda: marker.exists() and "closed" in marker.read_text(), 10,
+                   "the application's close() to be called")
+        assert b"hello" in Exchange(r.path).request(cgi_params("/hello"))[0]
+        assert r.proc.poll() is None
+
+
+def test_abort_request_ends_a_request_reading_its_body(appdir):
+    with Runner(appdir, "apps:echo") as r:
+        ex = Exchange(r.path)
+        c = ex.conn
+        ex.sock.sendall(c.begin_request(1, keep_conn=True,
+                                        params=cgi_params("/", "POST", body=b"x" * 10))
+                        + c.send_stdin(1, b"x" * 5) + c.abort_request(1))
+        out, _, end = ex.response()
+        assert end.request_id == 1
+        assert b"hello" not in out
+        r2 = Exchange(r.path)
+        assert split_cgi(r2.request(cgi_params("/"), b"abc")[0])[2] == b"abc"
+
+
+def test_max_requests_finishes_in_flight_then_exits_0(appdir):
+    with Runner(appdir, "apps:router", "--threads", "2", "--max-requests", "2") as r:
+        assert b"hello" in Exchange(r.path).request(cgi_params("/hello"))[0]
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            out=Exchange(r.path).request(cgi_params("/slow?0.5"))[0]))
+        t.start()
+        assert r.proc.wait(10) == 0
+        t.join(5)
+        assert result.get("out", b"").endswith(b"slow done"), result
+        assert not os.path.exists(r.path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_in_flight_request_then_exits_0(appdir, sig):
+    with Runner(appdir, "apps:router") as r:
+        idle = Exchange(r.path)
+        idle.request(cgi_params("/hello"), keep_conn=True)
+        result = {}
+        ex = Exchange(r.path)
+        t = threading.Thread(target=lambda: result.update(
+            out=ex.request(cgi_params("/slow?0.7"))[0]))
+        t.start()
+        wait_until(lambda: _in_app(r), 5, "the request to be in the app")
+        r.proc.send_signal(sig)
+        assert r.proc.wait(10) == 0
+        t.join(5)
+        assert result.get("out", b"").endswith(b"slow done"), result
+        assert idle.closed_by_peer(), "an idle keep-alive connection was left open"
+
+
+def _in_app(r) -> bool:
+    """A thread of the runner sleeps (clock_nanosleep/nanosleep/select): it is in slow()."""
+    task_dir = f"/proc/{r.proc.pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/syscall") as f:
+                nr = int(f.read().split()[0])
+        except (OSError, ValueError):
+            continue
+        if nr in (230, 35, 23):     # x86-64 clock_nanosleep, nanosleep, select
+            return True
+    return False
+
+
+def test_sigterm_with_a_stuck_request_is_bounded_by_graceful_timeout(appdir):
+    with Runner(appdir, "apps:router", "--threads", "2", "--graceful-timeout", "300ms") as r:
+        ex = Exchange(r.path)
+        c = ex.conn
+        ex.sock.sendall(c.begin_request(1, params=cgi_params("/slow?30")))
+        ex.sock.sendall(c.send_stdin(1, b""))
+        wait_until(lambda: _in_app(r), 5, "the request to be in the app")
+        t0 = time.monotonic()
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        assert "graceful timeout" in r.stderr()
+
+
+def test_script_name_prefix(appdir):
+    with Runner(appdir, "apps:hello", "--script-name", "/app/") as r:
+        out = Exchange(r.path).request(cgi_params("/app/x/y"))[0]
+        assert b"path=/x/y" in out
+        out = Exchange(r.path).request(cgi_params("/app"))[0]
+        assert b"path=" in out and split_cgi(out)[0] == 200
+        assert split_cgi(Exchange(r.path).request(cgi_params("/application"))[0])[0] == 404
+        assert split_cgi(Exchange(r.path).request(cgi_params("/other"))[0])[0] == 404
+
+
+def _tcp_runner(appdir, allowed: str):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener, Runner(appdir, "apps:hello", listener=listener,
+                            env={"FCGI_WEB_SERVER_ADDRS": allowed})
+
+
+@pytest.mark.parametrize("allowed,ok", [
+    ("10.1.2.3, ::1", False),
+    ("10.1.2.3,127.0.0.1", True),
+    ("::ffff:127.0.0.1", True),
+    ("", True),
+])
+def test_fcgi_web_server_addrs(appdir, allowed, ok):
+    listener, r = _tcp_runner(appdir, allowed)
+    with listener, r:
+        s = socket.create_connection(listener.getsockname(), 5)
+        client = ClientConnection()
+        s.sendall(client.begin_request(1, params=cgi_params("/")) + client.send_stdin(1, b""))
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        s.close()
+        assert (b"hello" in data) == ok, (data, r.stderr())
+        assert r.stop() == 0
+
+
+def test_bad_fcgi_web_server_addrs_is_a_startup_error(appdir):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    with listener:
+        p = subprocess.run([os.sys.executable, "-m", "spawnd.wsgi.main", "--chdir",
+                            str(appdir), "apps:hello"], stdin=listener.fileno(),
+                           capture_output=True, text=True, timeout=20,
+                           env=dict(os.environ, FCGI_WEB_SERVER_ADDRS="127.0.0.1,nonsense"))
+    assert p.returncode == 2
+    assert "FCGI_WEB_SERVER_ADDRS" in p.stderr and "nonsense" in p.stderr
+
+
+def test_two_runners_share_one_socket_while_one_holds_idle_connections(appdir, tmp_path):
+    path = str(tmp_path / "shared.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(64)
+    a = Runner(appdir, "apps:hello", listener=listener)
+    b = Runner(appdir, "apps:hello", listener=listener)
+    with listener, a, b:
+        idle = []
+        pids_idle = set()
+        for _ in range(10):   # keep-alive connections, held idle (some land on each)
+            ex = Exchange(path)
+            out = ex.request(cgi_params("/"), keep_conn=True)[0]
+            pids_idle.add(int(out.split(b"pid=")[1].split()[0]))
+            idle.append(ex)
+        seen = set()
+        t0 = time.monotonic()
+        for _ in range(60):
+            out = Exchange(path, timeout=5).request(cgi_params("/"))[0]
+            seen.add(int(out.split(b"pid=")[1].split()[0]))
+        assert seen == {a.proc.pid, b.proc.pid}, (seen, a.proc.pid, b.proc.pid)
+        assert time.monotonic() - t0 < 10
+        for ex in idle:
+            ex.close()
+        assert a.stop() == 0
+        # b keeps serving alone after its sibling left, on the same (still blocking) socket
+        assert b"hello" in Exchange(path, timeout=5).request(cgi_params("/"))[0]
+        assert b.stop() == 0
+        assert os.get_blocking(listener.fileno())
+
+
+def test_import_errors_are_clear(tmp_path):
+    write_app(tmp_path, "broken", "import no_such_module_xyz\n")
+    write_app(tmp_path, "noattr", "app = None\n")
+    cases = {"missing_mod:app": "cannot import 'missing_mod'",
+             "broken:app": "No module named 'no_such_module_xyz'",
+             "noattr": "has no attribute 'application' (it has 'app'",
+             "noattr:app": "is not callable"}
+    for spec, message in cases.items():
+        p = subprocess.run([os.sys.executable, "-m", "spawnd.wsgi.main", "--chdir",
+                            str(tmp_path), "--bind", f"unix:{tmp_path}/x.sock", spec],
+                           capture_output=True, text=True, timeout=20)
+        assert p.returncode == 2 and message in p.stderr, (spec, p.stderr)
+
+
+def test_no_socket_and_no_cgi_is_a_usage_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_INTERFACE"}
+    p = subprocess.run([os.sys.executable, "-m", "spawnd.wsgi.main", "x:app"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=20, env=env)
+    assert p.returncode == 2 and "not a listening socket" in p.stderr
