@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import grp
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
-import time
 
 import psutil
 import pytest
@@ -367,6 +365,8 @@ REFUSED = [
      "exists and is not a regular file"),
     (["-s", "{tmp}/a.sock", "-u", "www-data", "-f", FCGIWRAP, "--", FCGIWRAP], 1,
      "give one or the other"),
+    (["-c", "{tmp}", "-S", "-s", "{tmp}/a.sock", "-u", "www-data", "--", FCGIWRAP], 1,
+     f"program {FCGIWRAP} not found inside chroot"),
     (["-s", "{tmp}/a.sock", "-u", "www-data", "--", "multiwatch", "-s", "NOPE", FCGIWRAP], 1,
      "multiwatch -s NOPE: bad signal"),
     (["-s", "{tmp}/a.sock", "-u", "www-data", "--", "multiwatch", "-r", "0", FCGIWRAP], 1,
@@ -526,3 +526,85 @@ def test_standalone_multiwatch_needs_a_listening_socket_on_fd0(tmp_path):
     with socket.socket() as s:          # a socket, but not a listening one
         rc, out = run_to_exit(["--multiwatch", "--", FCGIWRAP], stdin=s.fileno())
     assert rc == 1 and "not a listening stream socket" in out, out
+
+
+# ---- the translation itself (no processes) ------------------------------------------------
+
+from spawnd import compat  # noqa: E402
+
+
+def mapping(argv, **kw):
+    kw = {"euid": 0, "cwd": "/srv/app", "environ": dict(ENV), "umask": 0o022, **kw}
+    return compat.pool_mapping(compat.parse(argv), **kw)
+
+
+def test_parse_like_getopt_without_permutation():
+    inv = compat.parse(["-nS", "-p9000", "-uwww-data", "/usr/bin/php-cgi", "-c", "/etc/php.ini"])
+    assert (inv.port, inv.user, inv.socket_before_chroot) == ("9000", "www-data", True)
+    assert inv.chroot is None and inv.program == ["/usr/bin/php-cgi", "-c", "/etc/php.ini"]
+    assert compat.parse(["-?"]).show == "help"
+    folded = compat.parse(["-s", "x", "--", "/opt/bin/multiwatch", "--forks=3", "-t", "500",
+                           "--", "app", "-f", "1"])
+    assert folded.multiwatch and not folded.inherit_socket
+    assert (folded.mw_forks, folded.mw_timeout, folded.program) == ("3", "500", ["app", "-f", "1"])
+    standalone = compat.parse(["--forks", "2", "app"], prog="/usr/local/bin/multiwatch")
+    assert standalone.inherit_socket and standalone.mw_forks == "2"
+    with pytest.raises(compat.UsageError):
+        compat.parse(["-p"])
+
+
+def test_mapping_of_a_full_command_line():
+    name, pool, origin, refused = mapping(
+        ["-s", "run/php.sock", "-d", "www", "-u", "www-data", "-g", "adm", "-U", "nobody",
+         "-b", "64", "-F", "2", "-C", "3", "--", "./bin/php-cgi8.2", "-q"],
+        environ={**ENV, "LISTEN_FDS": "1", "NOTIFY_SOCKET": "/x", "BAD-NAME": "x"})
+    assert refused == [] and name == "php-cgi8-2"
+    nobody = pwd.getpwnam("nobody")
+    assert pool == {
+        "command": ["./bin/php-cgi8.2", "-q"],          # relative to cwd (-d), by the loader
+        "listen": "unix:/srv/app/run/php.sock",
+        "socket": {"mode": "0640", "owner": "nobody", "group": nobody.pw_gid, "backlog": 64},
+        "processes": 2, "user": "www-data", "group": "adm", "cwd": "/srv/app/www",
+        "env": {**ENV, "PHP_FCGI_CHILDREN": "3"},
+    }
+    assert origin["socket.group"] == "-U nobody" and origin["env.PHP_FCGI_CHILDREN"] == "-C 3"
+
+
+def test_mapping_paths_with_chroot_and_relative_program():
+    _, pool, _, _ = mapping(["-c", "jail", "-s", "/run/a.sock", "-d", "www", "-u", "www-data",
+                             "--", "bin/app"])
+    assert pool["chroot"] == "/srv/app/jail"
+    assert pool["listen"] == "unix:/srv/app/jail/run/a.sock"      # bound inside the chroot
+    assert pool["cwd"] == "www" and pool["command"] == ["bin/app"]  # both inside the chroot
+    _, pool, _, _ = mapping(["-c", "/jail", "-S", "-s", "a.sock", "-u", "www-data", "--", "app"])
+    assert pool["listen"] == "unix:/srv/app/a.sock"                # -S: before chroot()
+    _, pool, _, _ = mapping(["-s", "/a.sock", "-u", "www-data", "--", "./app"])
+    assert pool["command"] == ["/srv/app/app"]                     # as execv() sees it
+
+
+def test_mapping_tcp_and_multiwatch():
+    _, pool, _, _ = mapping(["-a", "::1", "-p", "9000", "-F", "2", "-u", "nobody", "--",
+                             "multiwatch", "-f", "3", "-t", "2500", "app"])
+    assert pool["listen"] == "tcp:[::1]:9000" and "socket" not in pool
+    assert pool["processes"] == 6
+    assert pool["stop"] == {"signal": "USR1"} and pool["backoff"] == {"reset_after": "2500ms"}
+    _, pool, _, _ = mapping(["-p", "9000", "-u", "nobody", "--", "app"])
+    assert pool["listen"] == "tcp:0.0.0.0:9000" and "stop" not in pool
+
+
+def test_refused_options_are_left_out_of_the_mapping():
+    _, pool, _, refused = mapping(["-s", "/a.sock", "-u", "www-data", "-g", "adm", "-c", "/",
+                                   "-U", "www-data", "--", "app"], euid=1000)
+    assert [r.split(":")[0] for r in refused] == ["-c /", "-u www-data", "-g adm", "-U www-data"]
+    assert not {"user", "group", "chroot"} & set(pool) and "owner" not in pool["socket"]
+
+
+def test_loader_errors_are_told_as_options():
+    origin = {"listen": "-a 127.0.0.1 -p 70000", "command": "", "env.PHP_FCGI_CHILDREN": "-C 3",
+              "env": "the environment"}
+    f = "/tmp/x/spawnd-fcgi.yaml"
+    assert compat.explain(f"{f}:3: pools.app.listen: bad port", f, "app", origin) == \
+        "-a 127.0.0.1 -p 70000: bad port"
+    assert compat.explain(f"{f}:4: pools.app.command[0]: not found", f, "app", origin) == "not found"
+    assert compat.explain(f"{f}:9: pools.app.env.FOO: bad", f, "app", origin) == "the environment: bad"
+    assert compat.explain("/etc/other.yaml:1: x: y", f, "app", origin) == "/etc/other.yaml:1: x: y"
