@@ -1,0 +1,263 @@
+"""spawnd-wsgi behind a real nginx, with a wsgiref.validate-wrapped application."""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import os
+import urllib.parse
+
+import pytest
+
+from support.nginx import start_nginx
+from test_wsgi_support import Runner, wait_until, write_app
+
+VALIDATED = r'''
+import hashlib, json, os, warnings
+from wsgiref.validate import validator, WSGIWarning
+warnings.simplefilter("error", WSGIWarning)
+
+PATTERN = bytes(range(256)) * 4096          # 1 MiB
+
+def inner(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path.endswith("/big"):
+        mib = int(environ["QUERY_STRING"] or "1")
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(mib << 20))])
+        return (PATTERN for _ in range(mib))
+    stream = environ["wsgi.input"]
+    digest, size, lines = hashlib.sha256(), 0, 0
+    first = stream.readline(100)            # mix readline and read(n)
+    digest.update(first); size += len(first)
+    while True:
+        chunk = stream.read(65536)
+        if not chunk:
+            break
+        digest.update(chunk); size += len(chunk)
+    info = {k: v for k, v in environ.items() if isinstance(v, str)}
+    info.update(body_size=size, body_sha256=digest.hexdigest(),
+                multithread=environ["wsgi.multithread"],
+                multiprocess=environ["wsgi.multiprocess"],
+                terminated=environ.get("wsgi.input_terminated"),
+                pid=os.getpid())
+    body = json.dumps(info).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+application = validator(inner)
+'''
+
+
+@pytest.fixture
+def appdir(tmp_path):
+    write_app(tmp_path, "validated", VALIDATED)
+    return tmp_path
+
+
+def location(sock: str, path: str = "/", extra: str = "", upstream: str | None = None) -> str:
+    return f"""
+        location {path} {{
+            include /etc/nginx/fastcgi_params;
+            {extra}
+            fastcgi_pass {upstream or 'unix:' + sock};
+        }}"""
+
+
+def request(ngx, method, path, body=None, headers=None, timeout=30):
+    conn = http.client.HTTPConnection("127.0.0.1", ngx.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {},
+                     encode_chunked=headers is not None and
+                     headers.get("Transfer-Encoding") == "chunked")
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def info(ngx, method="GET", path="/", **kw) -> dict:
+    status, _, body = request(ngx, method, path, **kw)
+    assert status == 200, (status, body[:500], ngx.error_log()[-2000:])
+    return json.loads(body)
+
+
+@pytest.fixture
+def served(appdir):
+    """validated app at / (plain fastcgi_params) on one runner with 2 threads."""
+    with Runner(appdir, "validated", "--threads", "2") as r, \
+            start_nginx(appdir, location(r.path), user="root") as ngx:
+        yield r, ngx
+        _no_upstream_trouble(ngx)
+
+
+def test_get_head_post_and_environ(served):
+    r, ngx = served
+    env = info(ngx, path="/a/b?x=1&y=%20z")
+    assert env["SCRIPT_NAME"] == "" and env["PATH_INFO"] == "/a/b"
+    assert env["QUERY_STRING"] == "x=1&y=%20z" and env["REQUEST_METHOD"] == "GET"
+    assert env["wsgi.url_scheme"] == "http" and env["multithread"] is True
+    assert env["multiprocess"] is False        # --bind: this runner is alone
+    assert env["terminated"] is True and env["body_size"] == 0
+    assert "CONTENT_LENGTH" not in env and "HTTP_CONTENT_LENGTH" not in env
+    status, headers, body = request(ngx, "HEAD", "/head")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    payload = b"line one\nline two\n" + os.urandom(200_000)
+    env = info(ngx, "POST", "/post", body=payload,
+               headers={"Content-Type": "application/x-thing"})
+    assert env["CONTENT_LENGTH"] == str(len(payload))
+    assert env["CONTENT_TYPE"] == "application/x-thing"
+    assert "HTTP_CONTENT_TYPE" not in env
+    assert env["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert "error" not in r.stderr().lower(), r.stderr()
+
+
+def test_unicode_percent_encoded_paths_duplicates_and_cookies(served):
+    r, ngx = served
+    env = info(ngx, path="/h%C3%A9llo%20w%C3%B6rld/%2Fx?q=%C3%A9")
+    # nginx decodes and normalises the path (merge_slashes on): "/%2Fx" becomes "/x"
+    assert env["PATH_INFO"].encode("latin-1").decode("utf-8") == "/héllo wörld/x"
+    assert env["QUERY_STRING"] == "q=%C3%A9"
+    assert env["REQUEST_URI"] == "/h%C3%A9llo%20w%C3%B6rld/%2Fx?q=%C3%A9"
+    conn = http.client.HTTPConnection("127.0.0.1", ngx.port, timeout=10)
+    conn.putrequest("GET", "/dup")
+    for name, value in [("X-Dup", "a"), ("X-Dup", "b"), ("Cookie", "c1=1"),
+                        ("Cookie", "c2=2")]:
+        conn.putheader(name, value)
+    conn.endheaders()
+    env = json.loads(conn.getresponse().read())
+    conn.close()
+    assert env["HTTP_X_DUP"] == "a, b"
+    assert env["HTTP_COOKIE"] == "c1=1; c2=2"
+
+
+def test_prefix_mounts(appdir):
+    split = """
+            fastcgi_split_path_info ^(/split)(/.*)$;
+            fastcgi_param SCRIPT_NAME $fastcgi_script_name;
+            fastcgi_param PATH_INFO $fastcgi_path_info;"""
+    with Runner(appdir, "validated") as plain, \
+            Runner(appdir, "validated", "--script-name", "/pre",
+                   sock_path=str(appdir / "pre.sock")) as pre, \
+            start_nginx(appdir, location(plain.path, "/split/", extra=split)
+                        + location(pre.path, "/pre/"), user="root") as ngx:
+        env = info(ngx, path="/split/x/y%20z?a=b")
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/split", "/x/y z")
+        env = info(ngx, path="/pre/x/y%20z?a=b")
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/pre", "/x/y z")
+        env = info(ngx, path="/pre/")
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/pre", "/")
+
+
+def test_chunked_request_body_without_buffering(appdir):
+    with Runner(appdir, "validated") as r, start_nginx(
+            appdir, location(r.path, extra="fastcgi_request_buffering off;"),
+            user="root") as ngx:
+        parts = [os.urandom(50_000) for _ in range(7)]
+        env = info(ngx, "POST", "/chunked", body=iter(parts),
+                   headers={"Transfer-Encoding": "chunked"})
+        assert "CONTENT_LENGTH" not in env and env["terminated"] is True
+        assert env["body_size"] == sum(map(len, parts))
+        assert env["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_50mib_upload_bounded_memory_and_50mib_download(appdir):
+    with Runner(appdir, "validated") as r, start_nginx(
+            appdir, location(r.path, extra="fastcgi_request_buffering off;")
+            + "\n client_max_body_size 100m;", user="root") as ngx:
+        before = _peak_rss_kib(r.proc.pid)
+        chunk = os.urandom(1 << 20)
+        env = info(ngx, "POST", "/upload", body=iter([chunk] * 50),
+                   headers={"Transfer-Encoding": "chunked"}, timeout=60)
+        assert env["body_size"] == 50 << 20
+        assert env["body_sha256"] == hashlib.sha256(chunk * 50).hexdigest()
+        grown = _peak_rss_kib(r.proc.pid) - before
+        assert grown < 16 * 1024, f"peak RSS grew by {grown} KiB for a 50 MiB upload"
+        conn = http.client.HTTPConnection("127.0.0.1", ngx.port, timeout=60)
+        conn.request("GET", "/big?50")
+        resp = conn.getresponse()
+        digest, size = hashlib.sha256(), 0
+        while data := resp.read(1 << 20):
+            digest.update(data)
+            size += len(data)
+        conn.close()
+        pattern = bytes(range(256)) * 4096
+        assert size == 50 << 20
+        assert digest.hexdigest() == hashlib.sha256(pattern * 50).hexdigest()
+        grown = _peak_rss_kib(r.proc.pid) - before
+        assert grown < 16 * 1024, f"peak RSS grew by {grown} KiB"
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_keepalive_upstream_more_clients_than_threads(appdir, threads):
+    upstream = f"upstream wsgi {{ server unix:{appdir}/app.sock; keepalive 16; }}"
+    with Runner(appdir, "validated", "--threads", threads) as r, start_nginx(
+            appdir, location(r.path, extra="fastcgi_keep_conn on;", upstream="wsgi"),
+            http_conf=upstream, user="root") as ngx:
+        def one(n):
+            return info(ngx, path=f"/ka/{n}", timeout=10)["PATH_INFO"]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, range(240)))
+        assert got == [f"/ka/{n}" for n in range(240)]
+        # the runner kept connections open (keep-alive really in use)
+        fds = os.listdir(f"/proc/{r.proc.pid}/fd")
+        assert len(fds) > 6, fds
+        _no_upstream_trouble(ngx)
+
+
+def _no_upstream_trouble(ngx):
+    """nginx's error log shows no reset by, or premature close of, the runner."""
+    bad = [line for line in ngx.error_log().splitlines()
+           if "reset by peer" in line or "upstream prematurely closed" in line
+           or "[error]" in line or "[crit]" in line]
+    assert not bad, "\n".join(bad[:10])
+
+
+def test_flask_app_behind_nginx(tmp_path):
+    examples = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples")
+    with Runner(tmp_path, "flaskapp:app", "--chdir", examples, "--script-name", "/f",
+                sock_path=str(tmp_path / "flask.sock")) as r, \
+            start_nginx(tmp_path, location(r.path, "/f/"), user="root") as ngx:
+        status, _, body = request(ngx, "GET", "/f/")
+        assert status == 200 and body == b"Hello from Flask on spawnd-wsgi\n"
+        status, _, body = request(ngx, "GET", "/f/hello/w%C3%B6rld")
+        assert body.decode() == "Hello, wörld!\n"
+        status, _, body = request(
+            ngx, "POST", "/f/echo?k=v", body=urllib.parse.urlencode({"a": "1"}),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        got = json.loads(body)
+        assert got["form"] == {"a": "1"} and got["args"] == {"k": "v"}
+        assert got["script_root"] == "/f" and got["path"] == "/echo"
+        assert request(ngx, "GET", "/f/nope")[0] == 404
+
+
+def test_runner_on_fd0_restarted_behind_nginx_loses_no_request(appdir):
+    """Sibling runners on one socket, one replaced while nginx keeps sending."""
+    import socket
+    path = str(appdir / "fd0.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(128)
+    first = Runner(appdir, "validated", listener=listener)
+    second = None
+    with listener, first, start_nginx(appdir, location(path), user="root") as ngx:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(info, ngx, "GET", f"/r/{n}") for n in range(200)]
+            wait_until(lambda: sum(f.done() for f in futures) > 20, 20, "some requests")
+            second = Runner(appdir, "validated", listener=listener)
+            assert first.stop() == 0
+            results = [f.result()["PATH_INFO"] for f in futures]
+        assert results == [f"/r/{n}" for n in range(200)]
+        _no_upstream_trouble(ngx)
+        second.stop()
