@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import select
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import textwrap
 import time
 import uuid
 
+import psutil
 import pytest
 
 from spawnd import systemd
@@ -480,3 +482,113 @@ def test_pick_matches_by_name_or_by_exact_address(tmp_path):
     finally:
         for s in (a, b, c):
             s.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the daemon as systemd sees it: notifications, the fd store, a restart that refuses nobody
+
+CHILD = ("import socket\n"
+         "s = socket.socket(fileno=0)\n"
+         "while True:\n"
+         "    c, _ = s.accept()\n"
+         "    c.recv(100)\n"
+         "    c.sendall(b'pong')\n"
+         "    c.close()\n")
+
+# What systemd does between fork and exec: the stored fds from 3 on, LISTEN_* for this pid.
+EXEC_WITH_FDS = ("import os, sys\n"
+                 "fd = int(sys.argv[1])\n"
+                 "os.dup2(fd, 3)\n"
+                 "os.close(fd)\n"
+                 "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', "
+                 "LISTEN_FDNAMES=sys.argv[2])\n"
+                 "os.execv(sys.argv[3], sys.argv[3:])\n")
+
+
+def collect(listener, until, timeout=10.0):
+    """Messages (text, fds) until one satisfies `until`; fails with what was seen."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([listener.sock], [], [], 0.05)[0]:
+            continue
+        text, fds, _ = listener.receive()
+        seen.append((text, fds))
+        if until(text):
+            return seen
+    raise AssertionError(f"no matching notification within {timeout}s; seen: {seen}")
+
+
+def start_daemon(tmp_path, env, argv_prefix=(), pass_fds=()):
+    log_file = open(tmp_path / f"spawnd-{len(list(tmp_path.glob('spawnd-*.log')))}.log", "w+")
+    proc = subprocess.Popen([*argv_prefix, sys.executable, "-m", "spawnd.main", "-c",
+                             str(tmp_path / "spawnd.yaml")], env=env, pass_fds=pass_fds,
+                            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    return proc, log_file
+
+
+def stop_daemon(proc, log_file):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
+    log_file.seek(0)
+    return log_file.read()
+
+
+def test_daemon_notifies_stores_its_socket_and_restarts_without_refusing(tmp_path, path_listener):
+    address, listener = path_listener
+    user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    sock_path = str(tmp_path / "web.sock")
+    (tmp_path / "spawnd.yaml").write_text(textwrap.dedent(f"""\
+        spawnd: {{admin_socket: {tmp_path}/admin.sock}}
+        pools:
+          web:
+            command: [/usr/bin/python3, -c, {json.dumps(CHILD)}]
+            listen: unix:{sock_path}
+            user: {user}
+        """))
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
+    store = []
+    first, log1 = start_daemon(tmp_path, env)
+    second = log2 = None
+    try:
+        seen = collect(listener, lambda t: t.startswith("READY=1"))
+        stored = [fds for text, fds in seen if text == "FDSTORE=1\nFDNAME=web\n"]
+        assert len(stored) == 1 and len(stored[0]) == 1, seen
+        store = stored[0]
+        assert systemd.socket_address(store[0]).address == f"unix:{sock_path}"
+        socket_file = os.stat(sock_path).st_ino
+        assert "STATUS=1 pool(s)" in seen[-1][0], seen
+        collect(listener, lambda t: t == "WATCHDOG=1\n", timeout=3)
+
+        # systemctl restart: TERM, the daemon says STOPPING=1 and exits; systemd keeps
+        # the stored socket, so a client connecting now is queued, not refused.
+        first.terminate()
+        collect(listener, lambda t: t.startswith("STOPPING=1"))
+        assert first.wait(15) == 0, stop_daemon(first, log1)
+        client = socket.socket(socket.AF_UNIX)
+        client.settimeout(15)
+        client.connect(sock_path)
+        client.sendall(b"ping")
+
+        second, log2 = start_daemon(tmp_path, env, pass_fds=(store[0],),
+                                    argv_prefix=(sys.executable, "-c", EXEC_WITH_FDS,
+                                                 str(store[0]), "web"))
+        collect(listener, lambda t: t.startswith("READY=1"))
+        assert client.recv(100) == b"pong"              # answered by the new daemon's child
+        # the same socket, adopted: binding anew would have replaced the file (or, as
+        # systemd still holds the old socket, found the path "in use" and refused to start)
+        assert os.stat(sock_path).st_ino == socket_file
+        client.close()
+    finally:
+        out1 = stop_daemon(first, log1)
+        out2 = stop_daemon(second, log2) if second else ""
+        for fd in store:
+            os.close(fd)
+    assert "exiting" in out1, out1
+    assert "ready:" in out2, out2
