@@ -65,9 +65,10 @@ def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
         length = 0
         print(f"spawnd-wsgi: invalid CONTENT_LENGTH {environ['CONTENT_LENGTH']!r};"
               " ignoring the body", file=sys.stderr)
+    stream = InputStream(body_reader(stdin_fd, length))
     environ.update({
         "wsgi.version": (1, 0),
-        "wsgi.input": InputStream(body_reader(stdin_fd, length)),
+        "wsgi.input": stream,
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
@@ -75,4 +76,11 @@ def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
         "wsgi.input_terminated": True,
         "wsgi.file_wrapper": FileWrapper,
     })
-    return 0 if run_app(app, environ, sink) else 1
+    ok = run_app(app, environ, sink)
+    try:
+        # A CGI server still writing the body would fail the whole response (fcgiwrap
+        # answers 502 on EPIPE), so consume what the application left unread.
+        stream.drain()
+    except OSError:
+        pass
+    return 0 if ok else 1
