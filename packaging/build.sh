@@ -20,7 +20,7 @@ unset PYTHONPATH PYTHONHOME VIRTUAL_ENV PYTHONUSERBASE
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 DEB_DEPS="debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools dpkg-dev fakeroot"
 RPM_DEPS="rpm python3-build python3-installer python3-setuptools python3-wheel"
-CHECK_DEPS="lintian rpmlint mandoc groff-base man-db"
+CHECK_DEPS="lintian rpmlint mandoc groff-base man-db cpio systemd util-linux"
 
 usage() {
     sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
