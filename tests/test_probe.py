@@ -305,8 +305,8 @@ def test_many_probes_at_once_on_one_loop(loop, tmp_path, php):
         others = [r for n, r in results.items() if n != "stuck"]
         run_until(loop, lambda: all(r.calls for r in others), 5, "the quick probes")
         quick = time.monotonic() - started
-        assert results["stuck"].calls == [], "the hung probe ended before its timeout"
-        assert quick < 0.9, f"quick probes took {quick:.3f}s: something blocked"
+        assert results["stuck"].calls == [], \
+            f"the quick probes took {quick:.3f}s, longer than the hung probe's timeout"
         run_until(loop, lambda: results["stuck"].calls, 5, "the hung probe's timeout")
         for name, r in results.items():
             ok, detail, _ = r.one
