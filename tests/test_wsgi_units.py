@@ -1,0 +1,201 @@
+"""Pure parts of spawnd-wsgi: environ building, the input stream, start_response rules."""
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+from hypothesis import given, strategies as st
+
+from spawnd.wsgi.environ import NotMounted, build_environ, normalise_prefix, split_path
+from spawnd.wsgi.main import read_env_file, UsageError
+from spawnd.wsgi.response import run_app
+from spawnd.wsgi.server import normalise_ip, parse_allowed
+from spawnd.wsgi.stream import InputStream
+
+
+@pytest.mark.parametrize("script,path,prefix,expected", [
+    ("/a/b", None, None, ("", "/a/b")),            # nginx stock params: app at root
+    (None, None, None, ("", "/")),
+    ("/app", "/x", None, ("/app", "/x")),
+    ("/", "", None, ("", "/")),                    # SCRIPT_NAME is never "/"
+    ("/app/", "", None, ("/app", "/")),
+    ("/app", "x", None, ("/app", "/x")),           # PATH_INFO starts with "/"
+    ("/pre/x/y", None, "/pre", ("/pre", "/x/y")),
+    ("/pre", "/x", "/pre", ("/pre", "/x")),
+    ("/pre", None, "/pre", ("/pre", "")),
+    ("/anything", None, "", ("", "/anything")),
+])
+def test_split_path(script, path, prefix, expected):
+    assert split_path(script, path, prefix) == expected
+
+
+@pytest.mark.parametrize("script", ["/prefix", "/other", "/pre"])
+def test_split_path_outside_the_prefix(script):
+    with pytest.raises(NotMounted):
+        split_path(script, None, "/pre/x")
+
+
+def test_normalise_prefix():
+    assert normalise_prefix("/app/") == "/app" and normalise_prefix("/") == ""
+    with pytest.raises(ValueError):
+        normalise_prefix("app")
+
+
+def test_build_environ_merges_drops_and_decodes():
+    env = build_environ([
+        (b"SCRIPT_NAME", b"/caf\xc3\xa9"), (b"HTTP_X", b"1"), (b"HTTP_X", b"2"),
+        (b"HTTP_COOKIE", b"a=1"), (b"HTTP_COOKIE", b"b=2"),
+        (b"HTTP_CONTENT_TYPE", b"text/x"), (b"HTTP_CONTENT_LENGTH", b"5"),
+        (b"CONTENT_LENGTH", b""), (b"SERVER_NAME", b"one"), (b"SERVER_NAME", b"two"),
+        (b"HTTPS", b"on")])
+    assert env["PATH_INFO"] == "/caf\xc3\xa9" and env["SCRIPT_NAME"] == ""
+    assert env["HTTP_X"] == "1, 2" and env["HTTP_COOKIE"] == "a=1; b=2"
+    assert "HTTP_CONTENT_TYPE" not in env and "HTTP_CONTENT_LENGTH" not in env
+    assert env["CONTENT_TYPE"] == "text/x" and "CONTENT_LENGTH" not in env
+    assert env["SERVER_NAME"] == "two" and env["wsgi.url_scheme"] == "https"
+    assert env["QUERY_STRING"] == "" and env["REQUEST_METHOD"] == "GET"
+
+
+def test_request_scheme_wins_over_https():
+    env = build_environ([(b"REQUEST_SCHEME", b"http"), (b"HTTPS", b"")])
+    assert env["wsgi.url_scheme"] == "http"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("127.0.0.1, ::1", {"127.0.0.1", "::1"}),
+    ("::ffff:10.0.0.1", {"10.0.0.1"}),
+    ("fe80::1%eth0", {"fe80::1"}),
+    ("", None), (" , ", None), (None, None),
+])
+def test_parse_allowed(value, expected):
+    got = parse_allowed(value)
+    assert (None if got is None else {str(a) for a in got}) == expected
+
+
+def test_parse_allowed_rejects_names():
+    with pytest.raises(ValueError, match="'localhost'"):
+        parse_allowed("127.0.0.1,localhost")
+    assert normalise_ip("::ffff:127.0.0.1") == normalise_ip("127.0.0.1")
+
+
+def chunks_source(data: bytes, sizes):
+    parts, pos = [], 0
+    for size in sizes:
+        if pos >= len(data):
+            break
+        parts.append(data[pos:pos + size])
+        pos += size
+    if pos < len(data):
+        parts.append(data[pos:])
+    it = iter(parts)
+    return lambda: next(it, b"")
+
+
+@given(st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"\n")),
+       st.lists(st.integers(1, 40), max_size=30),
+       st.lists(st.tuples(st.sampled_from(["read", "readline", "readall"]),
+                          st.integers(-1, 50)), max_size=20))
+def test_input_stream_behaves_like_bytesio(data, sizes, ops):
+    stream, ref = InputStream(chunks_source(data, sizes)), io.BytesIO(data)
+    for op, n in ops:
+        if op == "read":
+            assert stream.read(n) == ref.read(n)
+        elif op == "readline":
+            assert stream.readline(n) == ref.readline(n)
+        else:
+            assert stream.read() == ref.read()
+    assert list(stream) == list(ref)
+    assert stream.read(10) == b"" and stream.finished
+
+
+def test_input_stream_readlines_hint():
+    stream = InputStream(chunks_source(b"a\nbb\nccc\ndddd\n", [3]))
+    assert stream.readlines(4) == [b"a\n", b"bb\n"]
+    assert stream.readlines() == [b"ccc\n", b"dddd\n"]
+
+
+class ListSink:
+    def __init__(self):
+        self.calls = []
+
+    def send(self, data, end=False, status=0):
+        self.calls.append((data, end, status))
+
+
+def test_list_result_is_one_send_with_the_end():
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response("200 OK", [("A", "b")])
+        return [b"x", b"y"]
+    assert run_app(app, {}, sink)
+    assert sink.calls == [(b"Status: 200 OK\r\nA: b\r\n\r\nxy", True, 0)]
+
+
+def test_generator_result_coalesces_headers_with_first_chunk_and_closes():
+    sink, closed = ListSink(), []
+    class Result:
+        def __iter__(self):
+            yield b""
+            yield b"one"
+            yield b"two"
+        def close(self):
+            closed.append(True)
+    def app(environ, start_response):
+        start_response("204 No Content", [])
+        return Result()
+    assert run_app(app, {}, sink)
+    assert sink.calls == [(b"Status: 204 No Content\r\n\r\none", False, 0),
+                          (b"two", False, 0), (b"", True, 0)]
+    assert closed == [True]
+
+
+def test_exc_info_replaces_unsent_headers_and_reraises_after_sending(capsys):
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        try:
+            raise ValueError("x")
+        except ValueError:
+            start_response("500 Oops", [("X", "y")], sys.exc_info())
+        return [b"err"]
+    assert run_app(app, {}, sink)
+    assert sink.calls[0][0].startswith(b"Status: 500 Oops\r\nX: y\r\n")
+
+    sink = ListSink()
+    def late(environ, start_response):
+        write = start_response("200 OK", [])
+        write(b"sent")
+        try:
+            raise ValueError("late")
+        except ValueError:
+            start_response("500 Oops", [], sys.exc_info())
+        return []
+    assert run_app(late, {}, sink)
+    assert sink.calls[-1] == (b"", True, 1)           # ended with a non-zero app status
+    assert "ValueError: late" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status,headers", [
+    ("200", []), ("OK", []), (b"200 OK", []), ("200 OK", [("X", "a\r\nY: b")]),
+    ("200 OK", [("X:Y", "a")]), ("200 OK", [("X", 1)]),
+])
+def test_bad_status_or_headers_become_500(status, headers, capsys):
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response(status, headers)
+        return [b"body"]
+    assert run_app(app, {}, sink)
+    assert sink.calls[0][0].startswith(b"Status: 500 ")
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_env_file(tmp_path):
+    f = tmp_path / "env"
+    f.write_text("# comment\n\nA=1\nexport B = 'two words'\nC=\"x=y\"\n")
+    assert read_env_file(str(f)) == {"A": "1", "B": "two words", "C": "x=y"}
+    f.write_text("A=1\nnot a pair\n")
+    with pytest.raises(UsageError, match=r"env:2: expected KEY=VALUE"):
+        read_env_file(str(f))
+    with pytest.raises(UsageError, match="cannot read env file"):
+        read_env_file(str(tmp_path / "missing"))
