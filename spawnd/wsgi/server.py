@@ -405,11 +405,7 @@ class Server:
             conn.closed = True
             conn.draining = False
             self.conns.pop(conn.fd, None)
-            try:
-                self.epoll.unregister(conn.fd)
-            except OSError:
-                pass
-            conn.sock.close()
+            conn.sock.close()       # also leaves the epoll set (the fd is never dup'ed)
         if self.stopping and threading.current_thread() is not threading.main_thread():
             self._wake()
 
