@@ -141,8 +141,10 @@ class MetricsServer:
             if not colon or not name or name != name.strip():
                 return _response(400, "malformed header line\n")
         path = urlsplit(target.decode("ascii")).path
+        head_only = method == b"HEAD"      # a HEAD answer never has a body, whatever it is
         if path != self.path:
-            return _response(404, f"not found; metrics are at {self.path}\n")
+            return _response(404, f"not found; metrics are at {self.path}\n",
+                             head_only=head_only)
         if method not in (b"GET", b"HEAD"):
             return _response(405, "only GET and HEAD are allowed\n",
                              extra="Allow: GET, HEAD\r\n")
@@ -150,8 +152,8 @@ class MetricsServer:
             body = self.render()
         except Exception as exc:            # a bug in render must not kill the loop
             log.error(f"metrics: rendering failed: {exc!r}")
-            return _response(500, "rendering the metrics failed\n", head_only=method == b"HEAD")
-        return _response(200, body, content_type=CONTENT_TYPE, head_only=method == b"HEAD")
+            return _response(500, "rendering the metrics failed\n", head_only=head_only)
+        return _response(200, body, content_type=CONTENT_TYPE, head_only=head_only)
 
 
 def _response(status: int, body: str, *, content_type: str = _TEXT, extra: str = "",

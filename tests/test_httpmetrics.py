@@ -166,6 +166,8 @@ def test_head_query_string_and_render_each_time(harness):
 def test_wrong_path_and_method(harness):
     status, _, body = harness.call(get, harness.base + "/")
     assert status == 404 and b"/metrics" in body
+    reply = harness.raw(b"HEAD /nothing HTTP/1.1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 404 ") and reply.endswith(b"\r\n\r\n"), reply
     status, _, _ = harness.call(get, harness.base + "/metrics/x")
     assert status == 404
     status, headers, _ = harness.call(get, harness.base + "/metrics", "POST")

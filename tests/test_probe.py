@@ -13,8 +13,21 @@ from spawnd.probe import Probe
 from spawnd.supervisor import Loop
 from support import hangfcgi
 
-PHP_PING = "<?php if (isset($_GET['code'])) { http_response_code((int)$_GET['code']); }\n" \
-           "echo 'pong ' . $_SERVER['REQUEST_URI'] . ' ' . ($_SERVER['X_EXTRA'] ?? '-');\n"
+# Answers 200 only when the CGI parameters are what a web server sends for
+# GET /ping?x=1 (plus X_EXTRA from the probe's params); else "500 bad NAME=value".
+PHP_PING = r"""<?php
+if (isset($_GET['code'])) { http_response_code((int)$_GET['code']); exit; }
+$want = ['REQUEST_METHOD' => 'GET', 'REQUEST_URI' => '/ping?x=1', 'QUERY_STRING' => 'x=1',
+         'PATH_INFO' => '/ping', 'SCRIPT_NAME' => '', 'SERVER_PROTOCOL' => 'HTTP/1.1',
+         'GATEWAY_INTERFACE' => 'CGI/1.1', 'REMOTE_ADDR' => '127.0.0.1',
+         'SERVER_NAME' => 'probe.example', 'X_EXTRA' => 'yes'];
+foreach ($want as $k => $v) {
+    $got = $_SERVER[$k] ?? '(unset)';
+    if ($got !== $v) { header("Status: 500 bad $k=$got"); exit; }
+}
+if (!ctype_digit($_SERVER['SERVER_PORT'] ?? '')) { header("Status: 500 bad SERVER_PORT"); exit; }
+echo "pong\n";
+"""
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -116,7 +129,8 @@ def php(tmp_path):
 def test_php_answers_200_with_uri_and_params(loop, php):
     address, script = php
     ok, detail, latency = probe(loop, address, "/ping?x=1",
-                                {"SCRIPT_FILENAME": script, "X_EXTRA": "yes"}).one
+                                {"SCRIPT_FILENAME": script, "X_EXTRA": "yes",
+                                 "SERVER_NAME": "probe.example"}).one
     assert (ok, detail) == (True, "200 OK")
     assert 0 < latency < 5
 
@@ -181,6 +195,25 @@ def test_refused_addresses(loop, tmp_path):
     stale.close()
     ok, detail, _ = probe(loop, f"unix:{tmp_path / 'stale.sock'}").one
     assert not ok and detail == "connect: Connection refused", detail
+
+
+def test_full_unix_queue_fails_at_once(loop, tmp_path):
+    """A non-blocking connect to a Unix listener whose queue is full fails with EAGAIN."""
+    with unix_listener(tmp_path / "full.sock", backlog=0) as listener:
+        fillers = []
+        try:
+            while True:
+                c = socket.socket(socket.AF_UNIX)
+                c.setblocking(False)
+                fillers.append(c)
+                if c.connect_ex(str(tmp_path / "full.sock")):
+                    break
+            ok, detail, latency = probe(loop, f"unix:{tmp_path / 'full.sock'}").one
+        finally:
+            for c in fillers:
+                c.close()
+    assert (ok, detail) == (False, "connect: the listen queue is full")
+    assert latency < 0.5
 
 
 def test_on_done_never_runs_inside_start(loop, tmp_path):
@@ -293,7 +326,7 @@ def test_many_probes_at_once_on_one_loop(loop, tmp_path, php):
         results: dict[str, Result] = {}
         specs = [(f"fast{i}", f"unix:{tmp_path / 'fast.sock'}", f"/n{i}", None, 5.0)
                  for i in range(40)]
-        specs += [(f"php{i}", php_address, "/ping", {"SCRIPT_FILENAME": script}, 5.0)
+        specs += [(f"php{i}", php_address, "/ping?code=200", {"SCRIPT_FILENAME": script}, 5.0)
                   for i in range(10)]
         specs += [("stuck", f"unix:{tmp_path / 'stuck.sock'}", "/hang", None, 1.0),
                   ("refused", f"unix:{tmp_path / 'absent.sock'}", "/", None, 5.0)]
