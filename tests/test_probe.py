@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from spawnd.probe import Probe
@@ -353,3 +354,23 @@ def test_many_probes_at_once_on_one_loop(loop, tmp_path, php):
     finally:
         hangfcgi.stop(fast)
         hangfcgi.stop(stuck)
+
+
+def test_hangfcgi_slow_alloc_and_status(loop, tmp_path):
+    """The test child's other knobs, driven by probes: /slow waits, /alloc keeps real
+    memory (RSS grows), /status?code=N answers N."""
+    with unix_listener(tmp_path / "h.sock") as listener:
+        proc = hangfcgi.start(listener)
+    address = f"unix:{tmp_path / 'h.sock'}"
+    try:
+        ok, detail, latency = probe(loop, address, "/slow?ms=200").one
+        assert ok and 0.2 <= latency < 0.5, (detail, latency)
+        before = psutil.Process(proc.pid).memory_info().rss
+        for _ in range(2):
+            assert probe(loop, address, "/alloc?mb=40").one[0]
+        grown = psutil.Process(proc.pid).memory_info().rss - before
+        assert grown >= 80 << 20, f"RSS grew by {grown >> 20} MiB, expected >= 80"
+        ok, detail, _ = probe(loop, address, "/status?code=418", expect=418).one
+        assert ok, detail
+    finally:
+        hangfcgi.stop(proc)
