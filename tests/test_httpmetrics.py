@@ -3,7 +3,6 @@ the body checked with prometheus_client's parser."""
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import socket
 import time
 import urllib.error
