@@ -386,3 +386,18 @@ def test_guard_reports_and_kills_a_leftover_process(pytester, monkeypatch):
         except FileNotFoundError:
             return True
     wait_for(gone, what=f"the leaked sleep {pid} to be killed")
+
+
+# ---- the spawn benchmark still runs ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_spawn_smoke():
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(os.path.dirname(here), "benchmarks", "bench_spawn.py")
+    out = subprocess.run([sys.executable, script, "--sizes", "2", "--runs", "1", "--kills", "3",
+                          "--idle", "0.2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines()
+            if line.startswith("| ")}
+    assert set(rows) >= {"2", "median", "p99", "CPU time, ms"}, out.stdout
+    assert "n/a" not in rows["2"] and "n/a" not in rows["median"], out.stdout + out.stderr
