@@ -7,7 +7,6 @@ word ("error:", "warning:", ...). Children's lines are forwarded as "pool[pid]: 
 from __future__ import annotations
 
 import os
-import sys
 
 
 class Log:
@@ -16,7 +15,7 @@ class Log:
 
     def __init__(self) -> None:
         self.level = self.INFO
-        self.stream = sys.stderr
+        self.fd = 2
         self.journal = _stderr_is_journal()
 
     def log(self, level: int, message: str) -> None:
@@ -26,12 +25,18 @@ class Log:
         self.write(prefix + message)
 
     def write(self, text: str) -> None:
-        """Write one or more lines (text without the final newline) in one go."""
-        try:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+        """Write one or more lines (text without the final newline) in one go.
+
+        Straight to fd 2 with os.write, looping over partial writes: a write to a full
+        pipe that a signal (SIGCHLD) interrupts returns short, and going through
+        sys.stderr's buffered layers lost the rest of the batch silently."""
+        data = memoryview((text + "\n").encode("utf-8", "replace"))
+        while data:
+            try:
+                n = os.write(self.fd, data)
+            except OSError:
+                return              # stderr gone: nothing useful left to do
+            data = data[n:]
 
     def error(self, message: str) -> None:
         self.log(self.ERROR, message)
