@@ -39,7 +39,11 @@ def _thread_syscalls(pid: int):
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return
+        return iter(())
+    return _thread_syscalls_of(pid, tids)
+
+
+def _thread_syscalls_of(pid: int, tids):
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/syscall") as f:
@@ -50,6 +54,36 @@ def _thread_syscalls(pid: int):
             yield -1, None
         else:
             yield int(fields[0]), int(fields[1], 16) if len(fields) > 1 else None
+
+
+def is_accept(number: int, arg0: int | None) -> bool:
+    """True for accept()/accept4() on fd 0."""
+    return _NUMBERS is not None and number in _NUMBERS["accept"] and arg0 == 0
+
+
+def current_syscall(pid: int) -> tuple[int, int | None]:
+    """(number, first argument) of the call pid's main thread is in; -1 when running."""
+    return next(iter(_thread_syscalls_of(pid, [str(pid)])), (-1, None))
+
+
+def sole_acceptor(pid: int, pgid: int) -> bool:
+    """True when pid is single-threaded and the only process of its group whose fd 0 is
+    the listening socket (fcgiwrap, php-cgi without workers, a libfcgi program)."""
+    try:
+        if len(os.listdir(f"/proc/{pid}/task")) != 1:
+            return False
+        inode = os.stat(f"/proc/{pid}/fd/0").st_ino
+    except OSError:
+        return False
+    for other in group_pids(pgid):
+        if other == pid:
+            continue
+        try:
+            if os.stat(f"/proc/{other}/fd/0").st_ino == inode:
+                return False
+        except OSError:
+            continue
+    return True
 
 
 def group_pids(pgid: int) -> list[int]:

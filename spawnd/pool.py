@@ -24,6 +24,12 @@ Retiring a child (stop, scale down, rolling restart, shutdown)
   does nothing else, stop.signal is queued and the group continued: it dies before it can
   accept another connection, and no request is cut. If it is busy it is continued and
   looked at again 20 ms later. After half of stop.timeout it gets stop.signal anyway.
+  When the child is single-threaded and the only process of its group accepting on the
+  socket (fcgiwrap, php-cgi, libfcgi programs), spawnd instead traces it (ptrace) and kills
+  it at the entry of its next accept() on fd 0: the call has not run, so no connection is
+  taken, and this works even when the listen queue never empties (a saturated pool, where
+  the child is never seen waiting). Where ptrace is not allowed, the look-and-signal way
+  above is used.
 - stop.when = now: stop.signal at once (for programs that finish in-flight work on it,
   such as spawnd-wsgi).
 - Either way, SIGKILL to the group at stop.timeout.
@@ -38,7 +44,7 @@ import subprocess
 import time
 
 from . import child as childmod
-from . import health
+from . import health, ptrace
 from .log import log
 
 # Pool states, as shown by status.
@@ -365,10 +371,50 @@ class Pool:
             t.cancel()
         timeout = self.config.stop.timeout
         ch.timers = [self.loop.call_later(timeout, self._kill_child, ch)]
-        if getattr(self.config.stop, "when", "idle") == "idle" and health.supported():
+        if self.config.stop.when == "idle" and health.supported():
+            if health.sole_acceptor(ch.pid, ch.pgid):
+                try:
+                    ptrace.seize_and_interrupt(ch.pid)
+                    ch.traced = True
+                    # A program that never calls accept() itself (php-cgi's master before
+                    # it forks its workers) gets stop.signal after half the timeout.
+                    ch.timers.append(self.loop.call_later(timeout / 2, self._signal_traced, ch))
+                    return
+                except OSError as e:
+                    log.debug(f"{self.name}: cannot trace child {ch.pid} ({e.strerror}); "
+                              "looking for an idle moment instead")
             self._look_when_idle(ch, time.monotonic() + timeout / 2)
         else:
             _killpg(ch.pgid, self.config.stop.signal)
+
+    def _signal_traced(self, ch) -> None:
+        if ch.pid in self.children:
+            log.info(f"{self.name}: child {ch.pid} did not reach accept(); signalling it")
+            _killpg(ch.pgid, self.config.stop.signal)
+
+    def child_trace_stop(self, pid: int, status: int) -> bool:
+        """A traced child (being retired) stopped: kill it at the entry of its next
+        accept() on fd 0, before the call can take a connection; else let it go on."""
+        ch = self.children.get(pid)
+        if ch is None:
+            return False
+        try:
+            if ptrace.is_syscall_stop(status):
+                entry = ptrace.syscall_entry(pid)
+                waiting = entry is not None and health.is_accept(*entry)
+            elif ptrace.is_event_stop(status):
+                waiting = health.is_accept(*health.current_syscall(pid))
+            else:                       # a signal on its way to the child: deliver it
+                ptrace.resume(pid, os.WSTOPSIG(status))
+                return True
+            if waiting:
+                log.debug(f"{self.name}: child {pid} is between requests; killing it")
+                _killpg(ch.pgid, signal.SIGKILL)
+            else:
+                ptrace.resume(pid)
+        except OSError:
+            pass                        # it died meanwhile; its exit comes next
+        return True
 
     def _look_when_idle(self, ch, give_up_at: float) -> None:
         if ch.pid not in self.children:

@@ -306,6 +306,11 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if os.WIFSTOPPED(status):       # a child being retired under ptrace
+                for pool in self.pools.values():
+                    if pool.child_trace_stop(pid, status):
+                        break
+                continue
             for pool in self.pools.values():
                 if pool.child_exited(pid, status):
                     break

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -109,3 +110,24 @@ def test_signalling_busy_children_does_cut_requests(tmp_path, pub):
         assert sum(result.failed.values()) > 0, \
             f"expected cut requests without the idle check: {result}"
         assert d.stop() == 0
+
+
+def test_php_cgi_master_before_its_workers_still_stops(tmp_path, pub):
+    """php-cgi with PHP_FCGI_CHILDREN, stopped before its workers exist: the master never
+    calls accept(), so spawnd signals it after half of stop.timeout, not SIGKILL at the end."""
+    with Spawnd(tmp_path, f"""\
+        pools:
+          php:
+            command: [/usr/bin/php-cgi]
+            listen: unix:{pub}/php.sock
+            user: www-data
+            env: {{PHP_FCGI_CHILDREN: "2"}}
+            stop: {{timeout: 2s}}
+        """) as d:
+        d.start()
+        d.wait_children("php", 1)
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        took = time.monotonic() - t0
+        assert took < 1.9, took
+        assert not d.seen("sending SIGKILL"), d.output()
