@@ -439,6 +439,9 @@ def test_client_against_server_connection(tmp_path):
         assert (response.status, response.headers, response.body) == (
             200, [("X-A", "1")], b"PUT z=9 1")
         assert (response.stderr, response.app_status) == (b"e", 7)
+        # Without a body the end-of-STDIN record goes out once (a strict server refuses two).
+        response = request(address, "/q?x=1")
+        assert response.body == b"GET x=1 0"
         assert get_values(address) == {b"FCGI_MAX_CONNS": b"3", b"FCGI_MAX_REQS": b"1",
                                        b"FCGI_MPXS_CONNS": b"0"}
     finally:

@@ -187,7 +187,8 @@ def request(address: str, uri: str = "/", *, method: str = "GET",
     wire_params = build_params(address, uri, method, headers, body, params)
     conn = ClientConnection()
     out = (conn.begin_request(REQUEST_ID, RESPONDER, keep_conn, wire_params)
-           + conn.send_stdin(REQUEST_ID, body) + conn.send_stdin(REQUEST_ID, b""))
+           + (conn.send_stdin(REQUEST_ID, body) if body else b"")
+           + conn.send_stdin(REQUEST_ID, b""))
     events = _exchange(address, conn, out, timeout, EndRequest)
     end = events[-1]
     if end.protocol_status != REQUEST_COMPLETE:
