@@ -5,15 +5,18 @@ process a test starts stays its descendant even after it daemonises (nginx) or l
 parent (children of a SIGKILLed spawnd). After each test, descendants that were not there
 before it get a few seconds to exit; those still alive then are killed and the test errors
 with their pid and command line. Processes started by anyone else are never looked at.
-A side effect: orphans that exit stay zombies of pytest (nobody waits for them) until the
-session ends; support.proc's helpers skip zombies unless asked.
+A side effect: orphans that exit become zombies of pytest. After each test the guard reaps
+the zombies that no live Popen object owns (those are the orphans); support.proc's helpers
+skip zombies anyway.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +49,17 @@ def public_tmpdir(prefix: str) -> str:
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(d, 0o755)
     return d
+
+
+@pytest.fixture
+def public_tmp():
+    """A fresh directory under /tmp (mode 0755) that www-data, nobody and nginx's workers
+    can reach, unlike pytest's tmp_path (0700). Removed after the test."""
+    d = public_tmpdir("spawnd-test-pub-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +111,31 @@ def _kill(procs: list[psutil.Process]) -> None:
             pass
 
 
+def _reap_orphans() -> None:
+    """Reap pytest's zombie children that no unfinished Popen (subprocess, or the Popen
+    classes of multiprocessing) is going to wait for: orphans adopted by the subreaper."""
+    zombies = [p.pid for p in descendants(os.getpid(), zombies=True)
+               if p.ppid() == os.getpid() and p.status() == psutil.STATUS_ZOMBIE]
+    if not zombies:
+        return
+    owned = {o.pid for o in gc.get_objects()
+             if (isinstance(o, subprocess.Popen) or type(o).__name__ == "Popen")
+             and getattr(o, "returncode", 0) is None and isinstance(getattr(o, "pid", 0), int)}
+    for pid in set(zombies) - owned:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
     before = {p.pid for p in descendants(os.getpid())}
     yield
+    try:
+        _reap_orphans()
+    except psutil.Error:
+        pass
     left = _leftovers(before, LEFTOVER_GRACE)
     if left:
         described = [_describe(p) for p in left]

@@ -388,6 +388,22 @@ def test_guard_reports_and_kills_a_leftover_process(pytester, monkeypatch):
     wait_for(gone, what=f"the leaked sleep {pid} to be killed")
 
 
+def test_guard_reaps_orphans_but_not_popen_children():
+    import conftest
+    owned = subprocess.Popen(["sh", "-c", "exit 3"])
+    out = subprocess.run(["sh", "-c", "sleep 0.1 & echo $!"], capture_output=True, text=True)
+    orphan = int(out.stdout)
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()[:2]   # [state, ppid]
+    wait_for(lambda: state(orphan) == ["Z", str(os.getpid())], what="orphan adopted, exited")
+    wait_for(lambda: state(owned.pid)[0] == "Z", what="owned child exited")
+    conftest._reap_orphans()
+    assert not os.path.exists(f"/proc/{orphan}"), "the orphan zombie is reaped"
+    assert owned.wait(5) == 3, "a Popen's own child keeps its exit status"
+
+
 # ---- the spawn benchmark still runs ----------------------------------------------------------
 
 @pytest.mark.slow
