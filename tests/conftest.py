@@ -51,17 +51,6 @@ def public_tmpdir(prefix: str) -> str:
     return d
 
 
-@pytest.fixture
-def public_tmp():
-    """A fresh directory under /tmp (mode 0755) that www-data, nobody and nginx's workers
-    can reach, unlike pytest's tmp_path (0700). Removed after the test."""
-    d = public_tmpdir("spawnd-test-pub-")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def hello_fcgi():
     """Path of the compiled C FastCGI program (support/hello_fcgi.c), built once per session
