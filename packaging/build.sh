@@ -56,8 +56,8 @@ install_deps() {
     [ "$(id -u)" -eq 0 ] || die "missing Debian packages:$missing (run as root, or apt-get install them)"
     echo "build.sh: apt-get install$missing" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends $missing </dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $missing </dev/null
 }
 
 # A copy of what the packages are built from, without VCS data or build leftovers.

@@ -81,12 +81,23 @@ def abstract_listener():
         listener.close()
 
 
+class _LogFile:
+    """spawnd's log written to a real file instead of fd 2, read back as text."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def getvalue(self) -> str:
+        self.f.seek(0)
+        return self.f.read().decode()
+
+
 @pytest.fixture
-def captured_log(monkeypatch):
-    out = io.StringIO()
-    monkeypatch.setattr(log, "stream", out)
-    monkeypatch.setattr(log, "journal", False)
-    return out
+def captured_log(monkeypatch, tmp_path):
+    with open(tmp_path / "log", "w+b") as f:
+        monkeypatch.setattr(log, "fd", f.fileno())
+        monkeypatch.setattr(log, "journal", False)
+        yield _LogFile(f)
 
 
 def inode(fd):
