@@ -2,7 +2,6 @@
 systemd's notify socket, and systemd-socket-activate passes fds exactly as systemd does."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pwd
