@@ -313,7 +313,8 @@ def measure_idle(contender_cls, workdir, n, seconds) -> dict:
         time.sleep(seconds)
         cpu1, sw1 = _cpu_and_switches(pid)
         wakeups = _strace_calls(pid, seconds, os.path.join(workdir, f"{c.key}.strace"))
-        assert len(c.children()) == n, "children left accept() while idle"
+        if len(c.children()) != n:
+            raise RuntimeError(f"{c.name}: children left accept() while idle")
     return {"cpu_ms": (cpu1 - cpu0) * 1000, "switches": sw1 - sw0, "wakeups": wakeups}
 
 
