@@ -89,8 +89,10 @@ class SocketOptions:
 
 @dataclass(frozen=True)
 class Processes:
-    min: int = 1
-    max: int = 1
+    min: int
+    max: int
+    interval: float = 0.5        # scaling: how often the listen queue is sampled (min < max)
+    idle_after: float = 30.0     # scaling: a child idle this long is retired (never below min)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class Probe:
     timeout: float = 2.0
     failures: int = 3
     expect: int = 200
+    params: tuple[tuple[str, str], ...] = ()   # FastCGI params added to the probe request
+    ready: bool = False          # a new child is ready only once seen in accept() + a probe passed
+    start_timeout: float = 60.0  # ... and fails if that takes longer
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,8 @@ class Daemon:
     admin_group: int | None = None
     include: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
-    sample_interval: float = 5.0      # how often RSS/CPU are sampled for recycle limits
+    sample_interval: float = 5.0      # how often RSS/CPU and listen queues are sampled
+    metrics_listen: tuple[str, int] | None = None   # (host IP, port) serving /metrics
     where: Mapping[str, str] = field(compare=False, default_factory=dict, repr=False)
 
 
@@ -623,7 +629,7 @@ def _rlimit_value(v: _V, name: str) -> int:
 # Sections
 
 _DAEMON_KEYS = ("admin_socket", "admin_mode", "admin_group", "include", "shutdown_timeout",
-                "sample_interval")
+                "sample_interval", "metrics_listen")
 _POOL_KEYS = ("command", "listen", "socket", "processes", "user", "group", "cwd", "chroot",
               "umask", "env", "inherit_env", "allowed_clients", "rlimits", "restart", "backoff",
               "ready_after", "stop", "recycle", "probe")
@@ -717,6 +723,14 @@ def _daemon(ctx: _Context, top: _V | None, base_dir: str) -> Daemon:
             raise ValueError(f"group {_describe(v.value)} needs root (spawnd is not a member)")
         return gid
 
+    def metrics(v: _V) -> tuple[str, int]:
+        text = _string(v)
+        try:
+            lst = parse_listen("tcp:" + text, base_dir)
+        except ValueError as e:
+            raise ValueError(f"expected HOST:PORT or [V6]:PORT: {e}") from None
+        return lst.host, lst.port
+
     where = {"": top.where}
     _wheres(top, len(top.path) + 1, where)
     values = dict(
@@ -726,6 +740,7 @@ def _daemon(ctx: _Context, top: _V | None, base_dir: str) -> Daemon:
         include=f.get("include", include, ()),
         shutdown_timeout=f.get("shutdown_timeout", _duration(), Daemon.shutdown_timeout),
         sample_interval=f.get("sample_interval", _duration(), Daemon.sample_interval),
+        metrics_listen=f.get("metrics_listen", metrics, None),
     )
     if not f.ok:
         values = {k: v for k, v in values.items() if v is not _BAD}
@@ -943,16 +958,19 @@ class _PoolReader:
         if not isinstance(v.value, dict):
             n = _int(0)(v)
             return Processes(n, n)
-        sub = _Nested(self.f, _mapping(v, {"min": 0, "max": 0}, "", self.ctx))
+        sub = _Nested(self.f, _mapping(v, {"min": 0, "max": 0, "interval": 0, "idle_after": 0},
+                                       "", self.ctx))
         lo = sub.get("min", _int(0), 1)
         hi = sub.get("max", _int(1))
+        interval = sub.get("interval", _duration(), Processes.interval)
+        idle_after = sub.get("idle_after", _duration(), Processes.idle_after)
         if hi is None:
             raise ValueError("missing required key 'max'")
-        if lo is _BAD or hi is _BAD:
+        if _BAD in (lo, hi, interval, idle_after):
             raise _Bad()
         if lo > hi:
             raise ValueError(f"min ({lo}) is greater than max ({hi})")
-        return Processes(lo, hi)
+        return Processes(lo, hi, interval, idle_after)
 
     def rlimits(self, v: _V) -> tuple[tuple[int, int, int], ...]:
         def one(item: _V) -> tuple[int, int, int]:
@@ -1004,7 +1022,8 @@ class _PoolReader:
                        rc.get("max_cpu", _percent))
 
     def probe(self) -> Probe | None:
-        pr = self.f.section("probe", ("uri", "interval", "timeout", "failures", "expect"),
+        pr = self.f.section("probe", ("uri", "interval", "timeout", "failures", "expect",
+                                      "params", "ready", "start_timeout"),
                             "a mapping of probe settings")
         if pr is None:
             return None
@@ -1014,9 +1033,27 @@ class _PoolReader:
                 raise ValueError(f"expected a request URI starting with '/', got {_describe(v.value)}")
             return v.value
 
+        def flag(v: _V) -> bool:
+            if not isinstance(v.value, bool):
+                raise ValueError(f"expected true or false, got {_describe(v.value)}")
+            return v.value
+
+        def params(v: _V) -> tuple[tuple[str, str], ...]:
+            if not isinstance(v.value, dict):
+                raise ValueError(f"expected a mapping of NAME: value, got {_describe(v.value)}")
+            out = []
+            for key, item in v.value.items():
+                if not (isinstance(item.value, str) or _is_number(item.value)):
+                    self.f.fail(item, f"expected a string or number, got {_describe(item.value)}")
+                else:
+                    out.append((key, str(item.value)))
+            return tuple(out)
+
         return Probe(pr.get("uri", uri, Probe.uri), pr.get("interval", _duration(), Probe.interval),
                      pr.get("timeout", _duration(), Probe.timeout), pr.get("failures", _int(1), Probe.failures),
-                     pr.get("expect", _int(100, 599), Probe.expect))
+                     pr.get("expect", _int(100, 599), Probe.expect), pr.get("params", params, ()),
+                     pr.get("ready", flag, False),
+                     pr.get("start_timeout", _duration(), Probe.start_timeout))
 
 
 def _conflicts(a: Listen, b: Listen) -> bool:

@@ -56,12 +56,14 @@ def main(argv=None) -> int:
         return 1
     sup = Supervisor(config, os.path.abspath(args.config), passed=passed,
                      notify=systemd.Notifier.from_environ())
-    errors = sup.bind_all() or sup.open_admin()
+    errors = sup.bind_all() or sup.open_admin() or sup.open_metrics()
     if errors:
         for line in errors:
             log.error(line)
         for pool in sup.pools.values():
             pool.bound.close()
+        if sup.admin is not None:
+            sup.admin.close()
         log.error("cannot set up every socket; nothing started")
         return 1
     return sup.run()

@@ -33,6 +33,23 @@ def exposition(supervisor) -> str:
             lp, st["restarts"])
         add("spawnd_pool_backoff", "gauge", "1 while the pool waits before a restart",
             lp, int(st["state"] == "backoff"))
+        for cause, n in sorted(st["replacements"].items()):
+            add("spawnd_pool_replacements_total", "counter",
+                "Children replaced, by cause (crash, exit, age, rss, cpu, probe)",
+                {"pool": pool.name, "cause": cause}, n)
+        q = st["queue"]
+        add("spawnd_pool_queue_depth", "gauge", "Connections waiting in the listen queue",
+            lp, q["depth"])
+        add("spawnd_pool_queue_max", "gauge", "Largest listen-queue depth seen", lp, q["max"])
+        add("spawnd_pool_queue_backlog", "gauge", "Listen backlog", lp, q["backlog"])
+        add("spawnd_pool_queue_full_total", "counter", "Samples that found the queue full",
+            lp, q["full"])
+        if st["health"] is not None:
+            add("spawnd_pool_healthy", "gauge", "1 when the last probes passed",
+                lp, int(st["health"] == "healthy"))
+            if st["probe"]:
+                add("spawnd_pool_probe_latency_seconds", "gauge", "Latency of the last probe",
+                    lp, st["probe"]["latency"])
         for ch in st["children"]:
             lc = {"pool": pool.name, "pid": ch["pid"]}
             add("spawnd_child_rss_bytes", "gauge", "Resident memory of the child's process tree",

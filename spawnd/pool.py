@@ -40,11 +40,14 @@ import collections
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 
 from . import child as childmod
 from . import health, ptrace
+from . import queue as queuemod
+from .probe import Probe
 from .log import log
 
 # Pool states, as shown by status.
@@ -54,6 +57,7 @@ LOG_LINES = 1000         # lines kept per pool for `spawnctl logs`
 AGE_SPREAD = 0.1         # max_age is shortened by up to this fraction, at random, per child
 CPU_SAMPLES = 3          # max_cpu must be exceeded this many samples in a row
 IDLE_RETRY = 0.02        # seconds between two looks at a busy child being retired
+READY_POLL = 0.02        # probe.ready: how often a starting child is looked at
 STOP_SETTLE = 0.001      # first look after SIGSTOP; the kernel stops the group promptly
 
 
@@ -91,6 +95,15 @@ class Pool:
         self.last_error: str | None = None
         self._waiters: list = []        # (predicate, callback)
         self.logs = collections.deque(maxlen=LOG_LINES)   # recent child lines, for `logs`
+        # health: probes, listen queue, scaling
+        self.health = "unknown" if config.probe else None    # healthy | unhealthy
+        self.probe_failures = 0
+        self.last_probe: dict | None = None
+        self._probe = None
+        self._probe_timer = None
+        self.queue = {"depth": 0, "backlog": 0, "max": 0, "full": 0, "samples": 0}
+        self._scale_timer = None
+        self._scaled_up_at = 0.0
         self.followers: set = set()     # callables getting each new batch of lines
 
     # ---- children's output ----------------------------------------------------------------
@@ -136,6 +149,7 @@ class Pool:
         self.wanted = True
         self.streak = 0
         self.manage()
+        self._start_monitoring()
         self._changed()
 
     def stop(self) -> None:
@@ -143,6 +157,7 @@ class Pool:
         self.wanted = False
         self.rolling = False
         self._cancel_retry()
+        self._stop_monitoring()
         for ch in list(self.children.values()):
             self._retire(ch)
         self._changed()
@@ -237,7 +252,11 @@ class Pool:
         self.children[ch.pid] = ch
         self.last_error = None
         self.loop.watch_output(self, ch)
-        ch.timers.append(self.loop.call_later(self.config.ready_after, self._ready, ch))
+        if self.config.probe is not None and self.config.probe.ready:
+            ch.timers.append(self.loop.call_later(READY_POLL, self._check_started, ch,
+                                                  ch.started + self.config.probe.start_timeout))
+        else:
+            ch.timers.append(self.loop.call_later(self.config.ready_after, self._ready, ch))
         recycle = self.config.recycle
         if recycle is not None and recycle.max_age:
             age = recycle.max_age * (1 - AGE_SPREAD * random.random())
@@ -299,6 +318,142 @@ class Pool:
         else:
             self._retire(min(old, key=lambda c: c.started))
 
+    # ---- health: readiness, probes, listen queue, scaling -----------------------------------
+    def _check_started(self, ch, deadline: float) -> None:
+        """probe.ready: a child is ready once it waits in accept() on fd 0 (its start-up is
+        over) and then a probe of the pool passes. A probe through the shared socket
+        cannot pick one child, so the kernel's view of the child is what makes this exact;
+        the probe checks the pool answers. Past probe.start_timeout the start has failed."""
+        if ch.pid not in self.children or ch.state != "starting":
+            return
+        if time.monotonic() > deadline:
+            log.error(f"{self.name}: child {ch.pid} not ready after "
+                      f"{_fmt(self.config.probe.start_timeout)}; killing it")
+            ch.start_failed = True
+            _killpg(ch.pgid, signal.SIGKILL)
+            return
+        if not health.group_idle(health.group_pids(ch.pgid)):
+            ch.timers.append(self.loop.call_later(READY_POLL, self._check_started, ch, deadline))
+            return
+
+        def done(ok, detail, latency):
+            if ok:
+                self._ready(ch)
+            elif ch.pid in self.children:
+                ch.timers.append(self.loop.call_later(READY_POLL * 5, self._check_started,
+                                                      ch, deadline))
+        self._new_probe(done).start()
+
+    def _new_probe(self, on_done) -> Probe:
+        pr = self.config.probe
+        return Probe(getattr(self.loop, "loop", self.loop), self.probe_address(), pr.uri,
+                     dict(pr.params), timeout=pr.timeout, expect=pr.expect, on_done=on_done)
+
+    def probe_address(self) -> str:
+        """The pool's socket as a client reaches it (wildcards become loopback)."""
+        name = self.bound.sock.getsockname()
+        if self.bound.sock.family == socket.AF_UNIX:
+            return "unix:" + (name if isinstance(name, str) else name.decode())
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(name[0], name[0])
+        return f"tcp:[{host}]:{name[1]}" if ":" in host else f"tcp:{host}:{name[1]}"
+
+    def _start_monitoring(self) -> None:
+        if self.config.probe is not None and self._probe_timer is None and self._probe is None:
+            self._probe_timer = self.loop.call_later(self.config.probe.interval, self._run_probe)
+        if self.config.processes.min < self.config.processes.max and self._scale_timer is None:
+            self._scale_timer = self.loop.call_later(self.config.processes.interval, self._scale)
+
+    def _stop_monitoring(self) -> None:
+        for t in (self._probe_timer, self._scale_timer):
+            if t is not None:
+                t.cancel()
+        self._probe_timer = self._scale_timer = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+
+    def _run_probe(self) -> None:
+        self._probe_timer = None
+        if not self.wanted or self.config.probe is None:
+            return
+        self._probe = self._new_probe(self._probed)
+        self._probe.start()
+
+    def _probed(self, ok: bool, detail: str, latency: float) -> None:
+        self._probe = None
+        pr = self.config.probe
+        if pr is None or not self.wanted:
+            return
+        self.last_probe = {"ok": ok, "detail": detail, "latency": round(latency, 6),
+                           "at": time.time()}
+        if ok:
+            if self.health == "unhealthy":
+                log.info(f"{self.name}: healthy again ({detail}, {latency * 1000:.1f}ms)")
+            self.health, self.probe_failures = "healthy", 0
+        else:
+            self.probe_failures += 1
+            log.warning(f"{self.name}: probe {pr.uri} failed ({self.probe_failures}/"
+                        f"{pr.failures}): {detail}")
+            if self.probe_failures >= pr.failures:
+                if self.health != "unhealthy":
+                    log.error(f"{self.name}: unhealthy after {self.probe_failures} failed probes")
+                self.health = "unhealthy"
+                self.probe_failures = 0
+                for ch in self.live_children():
+                    self.replace(ch, "probe")
+        self._probe_timer = self.loop.call_later(pr.interval, self._run_probe)
+        self._changed()
+
+    def sample_queue(self) -> dict:
+        """Read the listen queue's depth from the kernel; keep the maximum seen and how
+        often it was full."""
+        try:
+            depth, backlog = queuemod.depth(self.bound.sock)
+        except OSError:
+            return self.queue
+        q = self.queue
+        q["depth"], q["backlog"], q["samples"] = depth, backlog, q["samples"] + 1
+        q["max"] = max(q["max"], depth)
+        if backlog and depth >= backlog:
+            q["full"] += 1
+        return q
+
+    def _scale(self) -> None:
+        """processes: {min, max}: add children while connections wait in the listen queue;
+        retire a child that has waited in accept() for idle_after (never below min, and not
+        within idle_after of the last growth, so the pool does not flap)."""
+        self._scale_timer = None
+        if not self.wanted:
+            return
+        procs = self.config.processes
+        now = time.monotonic()
+        waiting = self.sample_queue()["depth"]
+        live = self.live_children()
+        starting = any(c.state == "starting" for c in live)
+        if waiting and not starting and self.retry_at is None and self.desired < procs.max:
+            grow = min(waiting, procs.max - self.desired)
+            self.desired += grow
+            self._scaled_up_at = now
+            log.info(f"{self.name}: {waiting} connection(s) waiting; scaling up to {self.desired}")
+            self.manage()
+        elif not waiting and self.desired > procs.min and now - self._scaled_up_at >= procs.idle_after:
+            for ch in live:
+                idle = ch.state == "running" and health.group_idle(health.group_pids(ch.pgid))
+                if not idle:
+                    ch.idle_since = None
+                elif ch.idle_since is None:
+                    ch.idle_since = now
+            idle = [c for c in live if c.idle_since is not None
+                    and now - c.idle_since >= procs.idle_after]
+            if idle:
+                victim = max(idle, key=lambda c: c.started)
+                self.desired -= 1
+                log.info(f"{self.name}: child {victim.pid} idle for {_fmt(now - victim.idle_since)}; "
+                         f"scaling down to {self.desired}")
+                self._retire(victim)
+        self._scale_timer = self.loop.call_later(procs.interval, self._scale)
+        self._changed()
+
     # ---- events from the supervisor --------------------------------------------------------
     def child_exited(self, pid: int, status: int) -> bool:
         ch = self.children.pop(pid, None)
@@ -324,7 +479,7 @@ class Pool:
 
     def _unexpected_exit(self, ch, status, how, ran) -> None:
         self.last_exit = f"child {ch.pid} {how}"
-        failed = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+        failed = ch.start_failed or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
         log.log(log.WARNING if failed else log.INFO,
                 f"{self.name}: child {ch.pid} {how} after {_fmt(ran)}")
         if not self.wanted:
@@ -464,6 +619,11 @@ class Pool:
             "retry_in": None if self.retry_at is None else round(max(0.0, self.retry_at - now), 3),
             "last_exit": self.last_exit,
             "last_error": self.last_error,
+            "min": self.config.processes.min,
+            "max": self.config.processes.max,
+            "queue": dict(self.sample_queue()),
+            "health": self.health,
+            "probe": self.last_probe,
             "children": [c.status(now, snapshot) for c in sorted(self.children.values(),
                                                       key=lambda c: c.started)],
         }

@@ -25,6 +25,7 @@ import psutil
 from . import config as configmod
 from . import health, listen, systemd
 from .control import AdminServer, CommandError
+from .httpmetrics import MetricsServer
 from .log import log
 from .metrics import exposition
 from .pool import BACKOFF, STOPPED, Pool
@@ -151,6 +152,7 @@ class Supervisor:
         self.shutting_down = False
         self.exit_code: int | None = None
         self.admin: AdminServer | None = None
+        self.metrics_server = None
         self._resource_timer = None
         self.started = time.time()
 
@@ -184,6 +186,21 @@ class Supervisor:
             self.pools[name] = Pool(pc, bound[name], self)
         return []
 
+    def open_metrics(self) -> list[str]:
+        """The optional HTTP endpoint for Prometheus (spawnd.metrics_listen)."""
+        d = self.config.daemon
+        if d.metrics_listen is None:
+            return []
+        host, port = d.metrics_listen
+        self.metrics_server = MetricsServer(self.loop, host, port, lambda: exposition(self))
+        try:
+            self.metrics_server.open()
+        except OSError as e:
+            self.metrics_server = None
+            return [f"{d.where.get('metrics_listen', self.config_path)}: cannot listen on "
+                    f"{host}:{port}: {e.strerror or e}"]
+        return []
+
     def open_admin(self) -> list[str]:
         d = self.config.daemon
         self.admin = AdminServer(self, d.admin_socket, d.admin_mode, d.admin_group)
@@ -214,22 +231,25 @@ class Supervisor:
         self._kill_orphans()
         if self.admin is not None:
             self.admin.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self._close_sockets()
         log.info("exiting")
         return self.exit_code
 
     # ---- resource recycling -------------------------------------------------------------
     def _schedule_resources(self) -> None:
-        """A sampling timer runs only while some pool has max_rss or max_cpu: no pool with
-        limits, no wake-ups."""
-        if self._resource_timer is None and any(
-                p.config.recycle and (p.config.recycle.max_rss or p.config.recycle.max_cpu)
-                for p in self.pools.values()):
+        """One timer, every sample_interval while there is a pool: listen-queue depth of
+        every pool (for the maximum seen and how often it was full), and RSS/CPU of the
+        children of pools with recycle limits (one pass over /proc for all of them)."""
+        if self._resource_timer is None and self.pools:
             self._resource_timer = self.loop.call_later(self.config.daemon.sample_interval,
                                                         self._sample_resources)
 
     def _sample_resources(self) -> None:
         self._resource_timer = None
+        for pool in self.pools.values():
+            pool.sample_queue()
         pools = [p for p in self.pools.values() if p.config.recycle and
                  (p.config.recycle.max_rss or p.config.recycle.max_cpu)]
         if pools:
@@ -246,6 +266,7 @@ class Supervisor:
         text = f"{len(self.pools)} pool(s), {running}/{desired} children running"
         trouble = [f"{p.name} {p.state}" for p in self.pools.values()
                    if p.state in ("backoff", "degraded")]
+        trouble += [f"{p.name} unhealthy" for p in self.pools.values() if p.health == "unhealthy"]
         return text + ("; " + ", ".join(trouble) if trouble else "")
 
     def pool_changed(self, pool) -> None:
@@ -578,6 +599,10 @@ class Supervisor:
         scaled = new.processes != old.processes
         if scaled:
             pool.desired = new.processes.min
+        if pool.wanted and (scaled or new.probe != old.probe):
+            pool._stop_monitoring()
+            pool.health = "unknown" if new.probe else None
+            pool._start_monitoring()
         if restart and pool.wanted:
             pool.rolling_restart()
             return "restarted"
