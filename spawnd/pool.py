@@ -47,7 +47,6 @@ import time
 from . import child as childmod
 from . import health, ptrace
 from . import queue as queuemod
-from .probe import Probe
 from .log import log
 
 # Pool states, as shown by status.
@@ -344,7 +343,8 @@ class Pool:
                                                       ch, deadline))
         self._new_probe(done).start()
 
-    def _new_probe(self, on_done) -> Probe:
+    def _new_probe(self, on_done):
+        from .probe import Probe            # only pools with a probe pay for the import
         pr = self.config.probe
         return Probe(getattr(self.loop, "loop", self.loop), self.probe_address(), pr.uri,
                      dict(pr.params), timeout=pr.timeout, expect=pr.expect, on_done=on_done)

@@ -20,12 +20,9 @@ import signal
 import socket
 import time
 
-import psutil
-
 from . import config as configmod
 from . import health, listen, systemd
 from .control import AdminServer, CommandError
-from .httpmetrics import MetricsServer
 from .log import log
 from .metrics import exposition
 from .pool import BACKOFF, STOPPED, Pool
@@ -191,6 +188,7 @@ class Supervisor:
         d = self.config.daemon
         if d.metrics_listen is None:
             return []
+        from .httpmetrics import MetricsServer
         host, port = d.metrics_listen
         self.metrics_server = MetricsServer(self.loop, host, port, lambda: exposition(self))
         try:
@@ -385,6 +383,7 @@ class Supervisor:
     def _kill_orphans(self) -> None:
         """Processes that left their group (setsid) and outlived their parent became our
         children (subreaper); at exit nothing of ours may survive."""
+        import psutil                       # not on the start-up path
         for proc in psutil.Process().children():
             log.warning(f"killing leftover process {proc.pid} ({proc.name()}) "
                         "that left its child's process group")
