@@ -1,0 +1,219 @@
+"""The example front-end configs (examples/nginx, lighttpd, apache) in front of the example
+pools (examples/pools), exactly as shipped except for paths.
+
+The examples are written for a real host: sockets in /run/spawnd, PHP and CGI scripts in
+/srv/www (served at /) and /srv/app (served at /app/), the C program in /usr/local/bin. The
+tests copy examples/apps there — "there" being a public temporary directory — and rewrite
+only those paths (and `spawnd-wsgi`, which becomes /usr/bin/python3 -m spawnd.wsgi.main on
+a world-readable copy of spawnd, since the pools run as www-data). One spawnd runs every
+example pool for the whole module; each test starts one front end with one example and
+checks what the application saw: SCRIPT_NAME, PATH_INFO, QUERY_STRING, REQUEST_METHOD, a
+request header, the request body, and which file ran.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import http.client
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import pytest
+import yaml
+
+from support.apache import start_apache
+from support.daemon import Spawnd
+from support.lighttpd import start_lighttpd
+from support.nginx import start_nginx
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+APPS = os.path.join(EXAMPLES, "apps")
+
+
+# ---- deployment: the example pools under one spawnd -------------------------------------
+
+class Deployment:
+    """The example layout under a public temporary directory, and the rewriting of paths."""
+
+    def __init__(self, root: str, hello_fcgi: str) -> None:
+        self.root = root
+        self.www = os.path.join(root, "www")
+        self.app = os.path.join(root, "app")
+        self.run = os.path.join(root, "run")
+        self.conf = os.path.join(root, "conf")
+        self.bin = os.path.join(root, "bin")
+        for d in (self.www, self.app, self.run, self.conf, self.bin):
+            os.makedirs(d)
+        for name in ("env.php", "env.cgi", "envapp.py"):
+            shutil.copy2(os.path.join(APPS, name), self.www)
+        for name in ("env.php", "env.cgi"):
+            shutil.copy2(os.path.join(APPS, name), self.app)
+        shutil.copy2(os.path.join(EXAMPLES, "flaskapp.py"), self.www)
+        shutil.copy2(hello_fcgi, self.bin)
+        for dirpath, dirnames, filenames in os.walk(root):
+            os.chmod(dirpath, 0o755)
+            for f in filenames:
+                p = os.path.join(dirpath, f)
+                os.chmod(p, 0o755 if os.access(p, os.X_OK) else 0o644)
+        self.paths = {
+            "/run/spawnd": self.run,
+            "/srv/www": self.www,
+            "/srv/app": self.app,
+            "/usr/local/bin/hello_fcgi": os.path.join(self.bin, "hello_fcgi"),
+        }
+
+    def rewrite(self, text: str) -> str:
+        for old, new in self.paths.items():
+            text = text.replace(old, new)
+        return text
+
+    def example(self, relpath: str, *, extra: dict[str, str] | None = None) -> str:
+        """examples/RELPATH with deployment paths rewritten, written under conf/;
+        returns the new file's path."""
+        with open(os.path.join(EXAMPLES, relpath)) as f:
+            text = self.rewrite(f.read())
+        for old, new in (extra or {}).items():
+            text = text.replace(old, new)
+        out = os.path.join(self.conf, relpath.replace("/", "-"))
+        with open(out, "w") as f:
+            f.write(text)
+        return out
+
+    def pools(self, python: str, env: dict[str, str]) -> str:
+        """Every examples/pools/*.yaml, rewritten into conf/pools.d/; returns the glob."""
+        pools_d = os.path.join(self.conf, "pools.d")
+        os.makedirs(pools_d)
+        for path in sorted(glob.glob(os.path.join(EXAMPLES, "pools", "*.yaml"))):
+            with open(path) as f:
+                doc = yaml.safe_load(self.rewrite(f.read()))
+            for pool in doc["pools"].values():
+                if pool["command"][0] == "/usr/bin/spawnd-wsgi":
+                    pool["command"][:1] = [python, "-m", "spawnd.wsgi.main"]
+                    pool.setdefault("env", {}).update(
+                        PYTHONPATH=env["PYTHONPATH"], PYTHONDONTWRITEBYTECODE="1")
+            with open(os.path.join(pools_d, os.path.basename(path)), "w") as f:
+                yaml.safe_dump(doc, f)
+        return os.path.join(pools_d, "*.yaml")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, hello_fcgi, public_python):
+    root = tempfile.mkdtemp(prefix="spawnd-frontends-", dir="/tmp")
+    os.chmod(root, 0o755)
+    try:
+        dep = Deployment(root, hello_fcgi)
+        include = dep.pools(*public_python)
+        d = Spawnd(tmp_path_factory.mktemp("spawnd"), f"""\
+            spawnd:
+              include: {include}
+              shutdown_timeout: 10s
+            pools: {{}}
+            """)
+        with d:
+            d.start()
+            for pool in ("php", "cgi", "wsgi", "flask", "c"):
+                d.wait_children(pool, 2)
+            dep.spawnd = d
+            yield dep
+            assert d.stop() == 0, d.output()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- front ends -------------------------------------------------------------------------
+
+NGINX_FIXES = {"include fastcgi_params;": "include /etc/nginx/fastcgi_params;"}
+
+
+@contextlib.contextmanager
+def frontend(kind: str, program: str, dep: Deployment, directory):
+    """Start `kind` serving examples/KIND/PROGRAM.conf; yields the server."""
+    if kind == "nginx":
+        site = dep.example(f"nginx/{program}.conf", extra=NGINX_FIXES)
+        http = ""
+        if os.path.exists(os.path.join(EXAMPLES, "nginx", f"{program}-upstream.conf")):
+            http = f"include {dep.example(f'nginx/{program}-upstream.conf')};"
+        server = start_nginx(directory, f"include {site};", http_conf=http, user="www-data")
+    elif kind == "lighttpd":
+        site = dep.example(f"lighttpd/{program}.conf")
+        server = start_lighttpd(directory, f'include "{site}"', document_root=dep.www)
+    else:
+        site = dep.example(f"apache/{program}.conf")
+        server = start_apache(directory, f'Include "{site}"', document_root=dep.www)
+    with server:
+        yield server
+
+
+def request(server, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def parse_env(body: bytes) -> dict[str, str]:
+    """NAME=value lines of env.php / env.cgi / envapp.py; `body=` takes the rest."""
+    head, sep, rest = body.partition(b"body=")
+    assert sep, f"no body= line in the application's answer: {body[:500]!r}"
+    env = dict(line.split("=", 1) for line in head.decode("latin-1").splitlines())
+    env["body"] = rest.decode("latin-1")
+    return env
+
+
+# What each program must see, per request path: (path, SCRIPT_NAME, PATH_INFO, file run).
+ENV_CASES = {
+    "php": [("/env.php/x/y", "/env.php", "/x/y", "www/env.php"),
+            ("/env.php", "/env.php", "", "www/env.php"),
+            ("/app/env.php/x/y", "/app/env.php", "/x/y", "app/env.php"),
+            ("/app/env.php", "/app/env.php", "", "app/env.php")],
+    "cgi": [("/env.cgi/x/y", "/env.cgi", "/x/y", "www/env.cgi"),
+            ("/env.cgi", "/env.cgi", "", "www/env.cgi"),
+            ("/app/env.cgi/x/y", "/app/env.cgi", "/x/y", "app/env.cgi"),
+            ("/app/env.cgi", "/app/env.cgi", "", "app/env.cgi")],
+    "wsgi": [("/x/y", "", "/x/y", "www/envapp.py"),
+             ("/", "", "/", "www/envapp.py"),
+             ("/app/x/y", "/app", "/x/y", "www/envapp.py"),
+             ("/app/", "/app", "/", "www/envapp.py")],
+}
+
+FRONTENDS = ("nginx", "lighttpd", "apache")
+FORM = b"greeting=hello+world&n=42"
+
+
+def check_env(server, case, *, method: str) -> None:
+    path, script_name, path_info, file = case
+    body = FORM if method == "POST" else None
+    headers = {"X-Spawnd-Test": "probe 1", "Content-Type": "application/x-www-form-urlencoded"}
+    status, _, answer = request(server, method, f"{path}?a=1&b=two%20words", body, headers)
+    assert status == 200, (path, status, answer[:500], server.error_log()[-2000:])
+    env = parse_env(answer)
+    seen = {k: env.get(k) for k in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING",
+                                    "REQUEST_METHOD", "HTTP_X_SPAWND_TEST", "FILE")}
+    assert seen == {"SCRIPT_NAME": script_name, "PATH_INFO": path_info,
+                    "QUERY_STRING": "a=1&b=two%20words", "REQUEST_METHOD": method,
+                    "HTTP_X_SPAWND_TEST": "probe 1",
+                    "FILE": os.path.join(server.deployment_root, file)}, (path, env)
+    if method == "POST":
+        assert (env["CONTENT_LENGTH"], env["body"]) == (str(len(FORM)), FORM.decode())
+    else:
+        assert env["body"] == ""
+
+
+@pytest.mark.parametrize("program", sorted(ENV_CASES))
+@pytest.mark.parametrize("kind", FRONTENDS)
+def test_environ_at_root_and_prefix(kind, program, deployment, tmp_path):
+    with frontend(kind, program, deployment, deployment.root) as server:
+        server.deployment_root = deployment.root
+        for case in ENV_CASES[program]:
+            for method in ("GET", "POST"):
+                check_env(server, case, method=method)
