@@ -217,3 +217,39 @@ def test_environ_at_root_and_prefix(kind, program, deployment, tmp_path):
         for case in ENV_CASES[program]:
             for method in ("GET", "POST"):
                 check_env(server, case, method=method)
+
+
+@pytest.mark.parametrize("kind", FRONTENDS)
+def test_flask_at_a_prefix(kind, deployment):
+    """Flask under /app: routing sees PATH_INFO, request.script_root is the prefix, and a
+    form POST with a query string reaches the view."""
+    with frontend(kind, "flask", deployment, deployment.root) as server:
+        status, _, body = request(server, "GET", "/app/hello/you")
+        assert (status, body) == (200, b"Hello, you!\n"), server.error_log()[-2000:]
+        status, headers, body = request(server, "POST", "/app/echo?x=1&y=two",
+                                        b"plain text body", {"Content-Type": "text/plain"})
+        assert status == 200, (body[:500], server.error_log()[-2000:])
+        assert json.loads(body) == {"method": "POST", "path": "/echo", "script_root": "/app",
+                                    "args": {"x": "1", "y": "two"}, "form": {},
+                                    "body": "plain text body"}
+        status, _, _ = request(server, "GET", "/app/no-such-page")
+        assert status == 404
+
+
+HELLO_C = re.compile(rb"hello pid=(\d+) n=\d+ method=(\S+) query=(\S*) body=(\d+)\n")
+
+
+@pytest.mark.parametrize("kind", FRONTENDS)
+def test_c_libfcgi_program(kind, deployment):
+    """The libfcgi program under /c/: method, query and the whole body arrive, and every
+    answer comes from one of the pool's live children."""
+    pids = set()
+    with frontend(kind, "c", deployment, deployment.root) as server:
+        for i in range(20):
+            status, _, body = request(server, "POST", f"/c/x?i={i}", FORM,
+                                      {"Content-Type": "application/x-www-form-urlencoded"})
+            m = HELLO_C.fullmatch(body)
+            assert status == 200 and m, (status, body, server.error_log()[-2000:])
+            assert m.group(2, 3, 4) == (b"POST", f"i={i}".encode(), str(len(FORM)).encode())
+            pids.add(int(m.group(1)))
+    assert pids <= set(deployment.spawnd.children("c")), pids
