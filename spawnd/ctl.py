@@ -127,7 +127,9 @@ def format_result(cmd: str, result) -> str:
     if cmd == "reload":
         parts = [f"{k}: {', '.join(v)}" for k, v in result.items() if v and k != "unchanged"]
         return "reloaded; " + ("; ".join(parts) if parts else "nothing changed") + "\n"
-    if cmd in ("start", "stop", "scale", "restart"):
+    if cmd == "restart":
+        return f"{result['pool']}: {result['state']}, replaced {result['replaced']} child(ren)\n"
+    if cmd in ("start", "stop", "scale"):
         extra = f", {result['running']}/{result['desired']} running" if "desired" in result else \
             f", {result['running']} running" if "running" in result else ""
         return f"{result['pool']}: {result['state']}{extra}\n"

@@ -362,3 +362,42 @@ def test_request_command(daemon, pub):
     os.unlink(pub / "alpha.sock")        # nobody listens at that address any more
     r = ctl(daemon, "request", "alpha", "/", check=3)
     assert "cannot connect" in r.stderr
+
+
+def test_every_command_in_human_and_json_form(daemon, pub):
+    """Each command once with --json (a parsable reply with the expected fields) and once
+    as a person reads it."""
+    script = pub / "ok.cgi"
+    script.write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nok\\n'\n")
+    script.chmod(0o755)
+    sf = f"SCRIPT_FILENAME={script}"
+    cases = [
+        (["status", "beta"], lambda j: j["pools"][0]["name"] == "beta", r"^beta\s+running"),
+        (["stop", "beta"], lambda j: j["state"] == "stopped", r"^beta: stopped$"),
+        (["start", "beta"], lambda j: j["state"] == "running" and j["running"] == 1,
+         r"^beta: running, 1 running$"),
+        (["restart", "beta"], lambda j: j["replaced"] == 1,
+         r"^beta: running, replaced 1 child\(ren\)$"),
+        (["scale", "beta", "2"], lambda j: j["desired"] == 2 == j["running"],
+         r"^beta: running, 2/2 running$"),
+        (["signal", "beta", "CONT"], lambda j: j["signal"] == "SIGCONT" and len(j["children"]) == 2,
+         r"^beta: sent SIGCONT to 2 child\(ren\)$"),
+        (["reload"], lambda j: set(j) >= {"added", "removed", "restarted", "unchanged"},
+         r"^reloaded; "),
+        (["logs", "beta", "-n", "5"], lambda j: j["pool"] == "beta" and isinstance(j["lines"], list),
+         None),
+        (["metrics"], lambda j: "spawnd_pool_up" in j["text"], r"^# TYPE spawnd_pool_up gauge$"),
+        (["request", "beta", "/", "-e", sf], lambda j: j["status"] == 200 and j["body"] == "ok\n",
+         r"^Status: 200 OK$"),
+    ]
+    for args, check_json, human in cases:
+        r = ctl(daemon, *args, "--json", check=0)
+        assert check_json(json.loads(r.stdout)), (args, r.stdout)
+        if human is not None:
+            # The same command again in human form (state-changing ones are idempotent here,
+            # except restart and scale, which are simply applied once more).
+            r = ctl(daemon, *args, check=0)
+            assert re.search(human, r.stdout, re.M), (args, r.stdout)
+    r = ctl(daemon, "shutdown", "--json", check=0)
+    assert json.loads(r.stdout) == {"shutting_down": True}
+    assert daemon.proc.wait(15) == 0
