@@ -19,8 +19,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 
+import psutil
 import pytest
 import yaml
 
@@ -28,6 +32,7 @@ from support.apache import start_apache
 from support.daemon import Spawnd
 from support.lighttpd import start_lighttpd
 from support.nginx import start_nginx
+from support.proc import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -253,3 +258,58 @@ def test_c_libfcgi_program(kind, deployment):
             assert m.group(2, 3, 4) == (b"POST", f"i={i}".encode(), str(len(FORM)).encode())
             pids.add(int(m.group(1)))
     assert pids <= set(deployment.spawnd.children("c")), pids
+
+
+# ---- spawnd as PID 1 (the container recipe in docs/many-hosts.md) -----------------------
+
+def test_spawnd_as_pid_1_reaps_orphans_and_stops_on_term(tmp_path):
+    """`unshare --pid --fork --mount-proc spawnd -c FILE` runs spawnd as PID 1 of a new PID
+    namespace, as in a container. The pool's child leaves an orphan (a background process
+    whose parent exited): it is adopted by spawnd, and when it exits it is reaped, not left
+    a zombie. SIGTERM to PID 1 (what `docker stop` sends) stops the pool and spawnd exits 0,
+    leaving no process in the namespace."""
+    config = tmp_path / "spawnd.yaml"
+    config.write_text(f"""\
+spawnd: {{admin_socket: {tmp_path}/admin.sock, shutdown_timeout: 5s}}
+pools:
+  orphans:
+    # The subshell starts `sleep 1.5` in the background and exits at once: an orphan.
+    command: [/bin/sh, -c, "(sleep 1.5 &); exec sleep 600"]
+    listen: unix:{tmp_path}/orphans.sock
+    user: nobody
+    processes: 1
+    stop: {{when: now, timeout: 2s}}
+""")
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc",
+         sys.executable, "-m", "spawnd.main", "-c", str(config)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        init = wait_for(lambda: psutil.Process(unshare.pid).children(), what="unshare's child")[0]
+        nspid = wait_for(lambda: [line.split()[1:] for line in
+                                  open(f"/proc/{init.pid}/status").read().splitlines()
+                                  if line.startswith("NSpid:")][0], what="NSpid")
+        assert nspid == [str(init.pid), "1"], f"spawnd is not PID 1 in its namespace: {nspid}"
+
+        def orphan():
+            return [p for p in init.children() if p.cmdline() == ["sleep", "1.5"]]
+        [adopted] = wait_for(orphan, what="the orphaned `sleep 1.5` adopted by spawnd")
+        # It exits after 1.5 s; then it must disappear, not stay a zombie of spawnd.
+        def reaped():
+            try:
+                return adopted.status() != psutil.STATUS_ZOMBIE and not adopted.is_running()
+            except psutil.NoSuchProcess:
+                return True
+        wait_for(reaped, timeout=5, what=f"orphan {adopted.pid} reaped (not a zombie)")
+        [worker] = [p for p in init.children() if p.cmdline() == ["sleep", "600"]]
+
+        init.send_signal(signal.SIGTERM)
+        out, _ = unshare.communicate(timeout=15)
+        assert unshare.returncode == 0, out.decode(errors="replace")
+        assert not worker.is_running(), "the pool's child outlived spawnd"
+    finally:
+        if unshare.poll() is None:
+            for p in psutil.Process(unshare.pid).children():
+                p.kill()              # PID 1 of the namespace: takes every process in it
+            unshare.kill()
+            unshare.wait()
