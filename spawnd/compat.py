@@ -518,13 +518,8 @@ class Pidfile:
 # Running
 
 class FcgiSupervisor(Supervisor):
-    """The daemon's supervisor, with multiwatch's other signals: QUIT stops like TERM,
-    USR2 is forwarded to every child (instead of killing spawnd-fcgi by default)."""
-
-    HANDLED = Supervisor.HANDLED + (signal.SIGQUIT, signal.SIGUSR2)
-
-    def handle_sigquit(self) -> None:
-        self.shutdown()
+    """The daemon's supervisor, with multiwatch's USR2: forwarded to every child (QUIT
+    already stops gracefully like TERM in the daemon)."""
 
     def handle_sigusr2(self) -> None:
         for pool in self.pools.values():

@@ -135,7 +135,10 @@ class OutputReader:
 
 
 class Supervisor:
-    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+    # Every signal whose default action would end spawnd (and orphan its children) is
+    # caught: QUIT stops gracefully like TERM; USR2 is logged and ignored.
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
+               signal.SIGUSR2, signal.SIGCHLD)
 
     def __init__(self, config, config_path: str, passed=(), notify=None):
         self.config = config
@@ -339,7 +342,10 @@ class Supervisor:
     def handle_sigterm(self) -> None:
         self.shutdown()
 
-    handle_sigint = handle_sigterm
+    handle_sigint = handle_sigquit = handle_sigterm
+
+    def handle_sigusr2(self) -> None:
+        log.info("SIGUSR2 ignored (spawnctl signal POOL USR2 sends it to a pool's children)")
 
     def handle_sighup(self) -> None:
         def done(result=None, error=None):

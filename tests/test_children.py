@@ -270,3 +270,24 @@ def test_flooding_child_does_not_stall_the_loop(tmp_path, pub):
         assert not missing, (len(missing), missing[:3], missing[-3:], [l[:100] for l in d.output().splitlines() if not re.match(r"^flood\[\d+\]: \d+$", l)][:15])
         assert replaced_in < 1.0, replaced_in
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR2])
+def test_quit_stops_gracefully_and_usr2_does_not_kill_spawnd(tmp_path, pub, sig):
+    with Spawnd(tmp_path, f"""\
+        pools:
+          w:
+            command: [/usr/sbin/fcgiwrap]
+            listen: unix:{pub}/w.sock
+            user: nobody
+        """) as d:
+        d.start()
+        [pid] = d.wait_children("w", 1)
+        d.signal(sig)
+        if sig == signal.SIGQUIT:
+            assert d.proc.wait(10) == 0
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        else:
+            d.wait_line("SIGUSR2 ignored")
+            assert d.children("w") == [pid] and d.proc.poll() is None
+            assert d.stop() == 0
