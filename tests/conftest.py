@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,13 @@ LEFTOVER_GRACE = float(os.environ.get("SPAWND_TEST_LEFTOVER_GRACE", "3"))
 
 
 def pytest_configure(config):
+    import spawnd
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spawnd")
+    if os.path.dirname(os.path.abspath(spawnd.__file__)) != here:
+        # A packaged spawnd (e.g. /usr/lib/python3/dist-packages/spawnd left by a .deb) would
+        # be imported instead of this source tree, and every test would test it.
+        pytest.exit(f"spawnd is imported from {spawnd.__file__}, not from {here}: remove the "
+                    "installed package (dpkg -P spawnd) or fix sys.path", returncode=3)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
@@ -49,6 +57,17 @@ def public_tmpdir(prefix: str) -> str:
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(d, 0o755)
     return d
+
+
+@pytest.fixture
+def pub():
+    """A fresh directory other users (www-data, nobody, nginx's workers) can reach, as a
+    pathlib.Path: pytest's tmp_path lies under a 0700 directory."""
+    d = public_tmpdir("spawnd-pub-")
+    try:
+        yield pathlib.Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import pytest
 
 from support.daemon import Spawnd
 from support.proc import open_fds, status, limits, environ, wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 GROUP = "spawnd-test-supp"
 

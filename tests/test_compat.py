@@ -20,7 +20,6 @@ import psutil
 import pytest
 
 from support.proc import environ, free_port, socket_inode, status, unix_listener_inode, wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 SPAWN_FCGI = "/usr/bin/spawn-fcgi"
 SPAWND_FCGI = os.path.join(os.path.dirname(sys.executable), "spawnd-fcgi")

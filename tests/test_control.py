@@ -16,7 +16,6 @@ import pytest
 from spawnd.fastcgi.protocol import ClientConnection, EndRequest, Stdout
 from support.daemon import Spawnd, ctl, status
 from support.proc import wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 
 def pool_pids(d, pool) -> list[int]:

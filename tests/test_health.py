@@ -14,7 +14,6 @@ from spawnd.fastcgi.client import FastCGIError, request
 from support import hangfcgi
 from support.daemon import Spawnd, status
 from support.proc import free_port, wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,6 @@ from support.daemon import Spawnd
 from support.load import LoadInBackground, run_load
 from support.nginx import start_nginx
 from support.proc import wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from spawnd.queue import QueueError, depth
 from support import hangfcgi
 from support.daemon import Spawnd
 from support.proc import wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 BACKLOG = 64
 SYS_PIDFD_GETFD = 438          # the same number on every Linux architecture

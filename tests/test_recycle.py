@@ -10,7 +10,6 @@ import pytest
 
 from support.daemon import Spawnd, status
 from support.proc import wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,6 @@ from support.daemon import Spawnd, ctl, status
 from support.load import LoadInBackground
 from support.nginx import start_nginx
 from support.proc import wait_for
-from support.pubdir import pub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
