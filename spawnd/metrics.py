@@ -35,8 +35,12 @@ def exposition(supervisor) -> str:
             lp, int(st["state"] == "backoff"))
         for cause, n in sorted(st["replacements"].items()):
             add("spawnd_pool_replacements_total", "counter",
-                "Children replaced, by cause (crash, exit, age, rss, cpu, probe)",
+                "Children replaced, by cause (crash, exit, age, rss, cpu, probe, manual, reload)",
                 {"pool": pool.name, "cause": cause}, n)
+        for code, n in sorted(st["exits"].items()):
+            add("spawnd_pool_exits_total", "counter",
+                "Children that exited, by exit status or killing signal",
+                {"pool": pool.name, "status": code}, n)
         q = st["queue"]
         add("spawnd_pool_queue_depth", "gauge", "Connections waiting in the listen queue",
             lp, q["depth"])

@@ -90,6 +90,7 @@ class Pool:
         self.retired_bounds = []        # old sockets closed when a rolling restart completes
         self.restarts = 0
         self.replacements = collections.Counter()   # cause -> count (crash, age, rss, cpu, ...)
+        self.exits = collections.Counter()          # "0", "1", "SIGKILL", ... -> count
         self.last_exit: str | None = None
         self.last_error: str | None = None
         self._waiters: list = []        # (predicate, callback)
@@ -199,11 +200,12 @@ class Pool:
                 if ch.cpu_over >= CPU_SAMPLES:
                     self.replace(ch, "cpu")
 
-    def rolling_restart(self) -> None:
+    def rolling_restart(self, cause: str = "manual") -> None:
         """Replace every child, one at a time: start a new one, when it is ready retire an
         old one. The socket stays bound; settled() tells when it is done."""
         self.generation += 1
         if self.wanted:
+            self.replacements[cause] += len(self.live_children())
             self.rolling = True
         self._changed()
 
@@ -464,6 +466,7 @@ class Pool:
             t.cancel()
         ran = time.monotonic() - ch.started
         how = describe_status(status)
+        self.exits[how.rsplit(" ", 1)[-1]] += 1
         if _group_alive(ch.pgid):
             # Its own children (php-cgi workers, CGI scripts) outlive it: stop them too.
             _killpg(ch.pgid, self.config.stop.signal)
@@ -615,6 +618,7 @@ class Pool:
             "running": len(self.live_children()),
             "restarts": self.restarts,
             "replacements": dict(self.replacements),
+            "exits": dict(self.exits),
             "failures": self.streak,
             "retry_in": None if self.retry_at is None else round(max(0.0, self.retry_at - now), 3),
             "last_exit": self.last_exit,

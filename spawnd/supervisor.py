@@ -609,7 +609,7 @@ class Supervisor:
             pool.health = "unknown" if new.probe else None
             pool._start_monitoring()
         if restart and pool.wanted:
-            pool.rolling_restart()
+            pool.rolling_restart("reload")
             return "restarted"
         if scaled and pool.wanted:
             pool.scale(pool.desired)

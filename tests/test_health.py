@@ -207,4 +207,15 @@ def test_metrics_endpoint_parses_and_matches_status(tmp_path, pub, public_python
         assert ("spawnd_pool_queue_depth", (("pool", "app"),)) in samples
         for c in p["children"]:
             assert samples[("spawnd_child_rss_bytes", (("pid", str(c["pid"])), ("pool", "app")))] > 0
+        # A manual restart is counted by cause, and the retired children's exits by status.
+        from support.daemon import ctl
+        ctl(d, "restart", "app", check=0)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("spawnd_pool_replacements_total",
+                        (("cause", "manual"), ("pool", "app")))] == 3
+        exits = sum(v for (name, _), v in samples.items() if name == "spawnd_pool_exits_total")
+        assert exits == 3, text
         assert d.stop() == 0
