@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from support.apache import start_apache
 from support.daemon import Spawnd
 from support.lighttpd import start_lighttpd
 from support.nginx import start_nginx
-from support.proc import wait_for
+from support.proc import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -313,3 +315,71 @@ pools:
                 p.kill()              # PID 1 of the namespace: takes every process in it
             unshare.kill()
             unshare.wait()
+
+
+# ---- many hosts: nginx upstream over TCP, allowed_clients ---------------------------------
+
+def raw_fcgi_get(port: int, source: str) -> bytes:
+    """A bare FastCGI GET from the address `source`; everything received until the server
+    closes the connection (b"" when it closes or resets it without answering)."""
+    def record(rtype: int, content: bytes = b"") -> bytes:
+        return struct.pack(">BBHHBx", 1, rtype, 1, len(content), 0) + content
+    params = b"".join(bytes([len(k), len(v)]) + k + v for k, v in
+                      ((b"REQUEST_METHOD", b"GET"), (b"QUERY_STRING", b"from=" + source.encode())))
+    msg = (record(1, struct.pack(">HB5x", 1, 0)) + record(4, params) + record(4)
+           + record(5))
+    with socket.socket() as s:
+        s.settimeout(5)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(msg)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:     # closed with our request unread: a reset
+            pass
+        return data
+
+
+def test_nginx_upstream_across_two_spawnd_hosts_over_tcp(tmp_path, hello_fcgi):
+    """Two spawnd instances ("hosts") each run the C program on a TCP socket with
+    allowed_clients: [127.0.0.1]. nginx balances one upstream over both; a peer from
+    another address (127.0.0.2) is turned away by the child (FCGI_WEB_SERVER_ADDRS)."""
+    hosts = []
+    with contextlib.ExitStack() as stack:
+        for name in ("host1", "host2"):
+            port = free_port()
+            (tmp_path / name).mkdir()
+            d = stack.enter_context(Spawnd(tmp_path / name, f"""\
+                pools:
+                  c:
+                    command: [{hello_fcgi}]
+                    listen: tcp:127.0.0.1:{port}
+                    allowed_clients: [127.0.0.1]
+                    user: nobody
+                    processes: 2
+                """))
+            d.start()
+            hosts.append((d, port, set(d.wait_children("c", 2))))
+        upstream = " ".join(f"server 127.0.0.1:{port};" for _, port, _ in hosts)
+        ngx = stack.enter_context(start_nginx(tmp_path, """
+            location / {
+                include /etc/nginx/fastcgi_params;
+                fastcgi_pass spawnd_hosts;
+            }""", http_conf=f"upstream spawnd_hosts {{ {upstream} }}"))
+        served = set()
+        for i in range(8):
+            status, _, body = request(ngx, "GET", f"/?i={i}")
+            m = HELLO_C.fullmatch(body)
+            assert status == 200 and m, (status, body, ngx.error_log()[-2000:])
+            served.add(int(m.group(1)))
+        for _, _, children in hosts:
+            assert served & children, f"no answer from {children}; served by {served}"
+
+        port = hosts[0][1]
+        assert b"query=from=127.0.0.1 " in raw_fcgi_get(port, "127.0.0.1")
+        assert raw_fcgi_get(port, "127.0.0.2") == b"", "a peer not in allowed_clients was served"
+        assert b"query=from=127.0.0.1 " in raw_fcgi_get(port, "127.0.0.1")
+        for d, _, _ in hosts:
+            assert d.stop() == 0
