@@ -6,9 +6,10 @@ PidFile, runtime dir and logs under a directory, run as ``apache2 -f CONF -DFORE
 
 ``site_conf`` goes at the end of a main config that listens on 127.0.0.1 on a free port,
 serves ``document_root`` (default ``DIR/htdocs``), uses mpm_event and loads the modules a
-FastCGI front end needs (proxy, proxy_fcgi, alias, setenvif, mime, dir, authz_core) plus ``modules``. Started as
-root, its children run as ``user`` (default www-data): the FastCGI sockets must be
-reachable by that user, and ``directory`` searchable (not pytest's 0700 tmp_path).
+FastCGI front end needs (proxy, proxy_fcgi, alias, setenvif, mime, dir, authz_core) plus
+``modules``. Started as root, its children run as ``user`` (default www-data): the FastCGI
+sockets must be reachable by that user, and ``directory`` searchable (not pytest's 0700
+tmp_path).
 """
 from __future__ import annotations
 

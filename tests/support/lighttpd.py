@@ -5,9 +5,10 @@
 
 ``site_conf`` is appended to a main config that listens on 127.0.0.1 on a free port,
 serves ``document_root`` (default ``DIR/htdocs``) and loads mod_alias and mod_fastcgi.
-lighttpd runs in the foreground (``-D``) as a child of the test. Started as root, it drops to ``user`` (default www-data) after
-binding, so the FastCGI sockets it connects to must be reachable by that user, and
-``directory`` must be searchable by it (pass a public directory, not pytest's tmp_path).
+lighttpd runs in the foreground (``-D``) as a child of the test. Started as root, it drops
+to ``user`` (default www-data) after binding, so the FastCGI sockets it connects to must be
+reachable by that user, and ``directory`` must be searchable by it (pass a public
+directory, not pytest's tmp_path).
 
 ``ForegroundServer`` is the life cycle shared with the Apache fixture (support.apache):
 check the config, start, wait until the port answers, stop with a signal then SIGKILL.
