@@ -12,38 +12,20 @@ Run as root:  .venv/bin/python benchmarks/bench_control.py [--samples 30] [--poo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, admin_call, wait_for
 PYTHON = sys.executable
 
 
-def wait(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
-def call(sock_path, cmd, **args):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock_path)
-    f = s.makefile("rb")
-    s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-    reply = json.loads(f.readline())
-    s.close()
-    return reply
 
 
 def pct(values, p):
@@ -82,13 +64,13 @@ def main():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         total = a.pools * a.children + a.restart_size
-        wait(lambda: os.path.exists(admin) and all(
-            p["state"] == "running" for p in call(admin, "status")["result"]["pools"]),
-            120, f"{total} children running")
+        wait_for(lambda: os.path.exists(admin) and all(
+            p["state"] == "running" for p in admin_call(admin, "status")["result"]["pools"]),
+            timeout=120, what=f"{total} children running")
         rtt = []
         for _ in range(a.samples):
             t = time.perf_counter()
-            r = call(admin, "status")
+            r = admin_call(admin, "status")
             rtt.append(time.perf_counter() - t)
             assert sum(p["running"] for p in r["result"]["pools"]) == total
         cli = []
@@ -98,7 +80,7 @@ def main():
                            check=True, stdout=subprocess.DEVNULL)
             cli.append(time.perf_counter() - t)
         t = time.perf_counter()
-        r = call(admin, "restart", pool="big")
+        r = admin_call(admin, "restart", pool="big")
         restart = time.perf_counter() - t
         assert r["ok"] and r["result"]["replaced"] == a.restart_size, r
         print(f"| measure ({a.pools} pools x {a.children} children + {a.restart_size}) "

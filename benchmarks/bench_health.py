@@ -17,11 +17,8 @@ Run as root:  .venv/bin/python benchmarks/bench_health.py [--children 100] [--se
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,40 +26,26 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from spawnd.fastcgi.client import FastCGIError, request  # noqa: E402
-from support import hangfcgi  # noqa: E402
+from _common import ROOT, admin_call, wait_for
+from spawnd.fastcgi.client import FastCGIError, request
+from spawnd.health import stat_fields
+from support import hangfcgi
 from support.pyenv import public_python  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def call(sock_path, cmd, **args):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock_path)
-    f = s.makefile("rb")
-    s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-    reply = json.loads(f.readline())
-    s.close()
-    return reply["result"]
 
 
-def wait(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def status(admin, **args):
+    return admin_call(admin, "status", **args)["result"]
 
 
 def start(cfg_text, d):
@@ -92,13 +75,13 @@ def cpu_case(a, d):
     daemon = start(f"spawnd: {{admin_socket: {admin}, shutdown_timeout: 60s}}\npools:{pools}", d)
     try:
         total = a.pools * a.children
-        wait(lambda: os.path.exists(admin) and all(
+        wait_for(lambda: os.path.exists(admin) and all(
             p["state"] == "running" and p["health"] == "healthy"
-            for p in call(admin, "status")["pools"]), 300, f"{total} children healthy")
+            for p in status(admin)["pools"]), timeout=300, what=f"{total} children healthy")
         c0, t0 = cpu_seconds(daemon.pid), time.monotonic()
         time.sleep(a.seconds)
         c1, t1 = cpu_seconds(daemon.pid), time.monotonic()
-        st = call(admin, "status")["pools"]
+        st = status(admin)["pools"]
         assert sum(p["running"] for p in st) == total
         assert all(p["health"] == "healthy" for p in st)
         return total, 100.0 * (c1 - c0) / (t1 - t0), a.seconds
@@ -131,10 +114,10 @@ pools:
             return f.read().decode(errors="replace")
     results = []
     try:
-        wait(lambda: os.path.exists(admin) and call(admin, "status", pool="hang")["pools"][0]
-             ["health"] == "healthy", 60, "hang pool healthy")
+        wait_for(lambda: os.path.exists(admin) and status(admin, pool="hang")["pools"][0]
+             ["health"] == "healthy", 60, what="hang pool healthy")
         for _ in range(a.hangs):
-            before = {c["pid"] for c in call(admin, "status", pool="hang")["pools"][0]["children"]}
+            before = {c["pid"] for c in status(admin, pool="hang")["pools"][0]["children"]}
             n_unhealthy = log().count("hang: unhealthy")
             n_healthy = log().count("hang: healthy again")
             t0 = time.monotonic()
@@ -142,18 +125,18 @@ pools:
                 threading.Thread(target=lambda: _quiet(lambda: request(f"unix:{sock}", "/hang",
                                                                        timeout=30)),
                                  daemon=True).start()
-            wait(lambda: log().count("hang: unhealthy") > n_unhealthy, 30, "unhealthy")
+            wait_for(lambda: log().count("hang: unhealthy") > n_unhealthy, 30, what="unhealthy")
             t_unhealthy = time.monotonic() - t0
-            wait(lambda: log().count("hang: healthy again") > n_healthy, 30, "healthy again")
+            wait_for(lambda: log().count("hang: healthy again") > n_healthy, 30, what="healthy again")
             t_healthy = time.monotonic() - t0
-            wait(lambda: not before & {c["pid"] for c in call(admin, "status", pool="hang")
+            wait_for(lambda: not before & {c["pid"] for c in status(admin, pool="hang")
                                        ["pools"][0]["children"]}
-                 and call(admin, "status", pool="hang")["pools"][0]["state"] == "running",
-                 30, "all hung children replaced")
+                 and status(admin, pool="hang")["pools"][0]["state"] == "running",
+                 30, what="all hung children replaced")
             t_replaced = time.monotonic() - t0
             results.append((t_unhealthy, t_healthy, t_replaced))
-            wait(lambda: call(admin, "status", pool="hang")["pools"][0]["health"] == "healthy",
-                 30, "healthy before the next round")
+            wait_for(lambda: status(admin, pool="hang")["pools"][0]["health"] == "healthy",
+                 30, what="healthy before the next round")
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -182,7 +165,7 @@ def main():
     finally:
         shutil.rmtree(d, ignore_errors=True)
     med = [statistics.median(x[i] for x in hangs) for i in range(3)]
-    print(f"| measure | value |")
+    print("| measure | value |")
     print("|---|---|")
     print(f"| spawnd CPU, {total} fcgiwrap children, {a.pools} probes/s, recycle limits, "
           f"{secs} s | {pct:.2f}% of one core |")

@@ -86,34 +86,36 @@ def sole_acceptor(pid: int, pgid: int) -> bool:
     return True
 
 
+def stat_fields(pid) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [2] pgid,
+    [11] utime, [12] stime, [21] rss pages. None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def all_stats():
+    """(pid, stat_fields) for every process."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(entry)
+            if fields is not None:
+                yield int(entry), fields
+
+
 def group_pids(pgid: int) -> list[int]:
     """Every process in process group pgid."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pgid is the 3rd field after the ")" that ends the command name
-        rest = stat[stat.rfind(b")") + 2:].split()
-        if int(rest[2]) == pgid:
-            out.append(int(entry))
-    return out
+    return [pid for pid, fields in all_stats() if int(fields[2]) == pgid]
 
 
 def group_stopped(pids) -> bool:
     """True when every process in pids is stopped (state T) or gone."""
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
-        if state not in (b"T", b"t", b"Z", b"X"):
+        fields = stat_fields(pid)
+        if fields is not None and fields[0] not in (b"T", b"t", b"Z", b"X"):
             return False
     return True
 
@@ -146,17 +148,7 @@ class Snapshot:
     def __init__(self) -> None:
         self.usage: dict[int, tuple[float, int]] = {}
         self.kids: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2:].split()
-            pid = int(entry)
-            # fields[0] is state: ppid [1], utime [11], stime [12], rss pages [21]
+        for pid, fields in all_stats():
             self.kids.setdefault(int(fields[1]), []).append(pid)
             self.usage[pid] = ((int(fields[11]) + int(fields[12])) / _TICKS,
                                int(fields[21]) * _PAGE)

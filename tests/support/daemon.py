@@ -9,22 +9,12 @@ import sys
 import json
 import textwrap
 import threading
-import time
 
 import psutil
 
+from .proc import wait_for
+
 _STARTED = re.compile(r"^(?:info: )?([a-z0-9_-]+): started child (\d+)$")
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {value!r}")
 
 
 def _with_admin_socket(text: str, path: str) -> str:
@@ -65,8 +55,8 @@ class Spawnd:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait_ready:
-            _wait(lambda: self.proc.poll() is not None or self.seen("ready:"), timeout,
-                  "spawnd to log 'ready:'")
+            wait_for(lambda: self.proc.poll() is not None or self.seen("ready:"), timeout,
+                     what="spawnd to log 'ready:'")
             if self.proc.poll() is not None:
                 self._reader.join(2)
                 raise AssertionError(f"spawnd exited with {self.proc.returncode}:\n{self.output()}")
@@ -168,11 +158,11 @@ class Spawnd:
         def check():
             pids = self.children(pool)
             return pids if len(pids) == n and not set(pids) & set(exclude) else None
-        return _wait(check, timeout, f"{n} live children of pool {pool!r} "
-                                     f"(have {self.children(pool)})")
+        return wait_for(check, timeout, what=f"{n} live children of pool {pool!r} "
+                                             f"(have {self.children(pool)})")
 
     def wait_line(self, text: str, timeout=10.0) -> None:
-        _wait(lambda: self.seen(text), timeout, f"log line containing {text!r}")
+        wait_for(lambda: self.seen(text), timeout, what=f"log line containing {text!r}")
 
 
 def ctl(d: Spawnd, *args, timeout=30, check=None):
