@@ -153,6 +153,7 @@ def no_leftover_processes():
                     pytrace=False)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Session-scoped fixtures are torn down by now: nothing of ours may remain."""
     left = _leftovers(set(), LEFTOVER_GRACE)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from support.nginx import free_port
+from support.proc import free_port
 from test_wsgi_support import Exchange, split_cgi, wait_until, write_app
 
 APP = r'''

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-from support.lighttpd import ForegroundServer
+from support.webserver import ForegroundServer
 
 APACHE = "/usr/sbin/apache2"
 MODULE_DIR = "/usr/lib/apache2/modules"

@@ -15,27 +15,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import time
+
+from .webserver import ForegroundServer
 
 NGINX = "/usr/sbin/nginx"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Nginx(ForegroundServer):
+    name = "nginx"
+    stop_signal = signal.SIGQUIT      # graceful: finish open requests
 
-
-class Nginx:
     def __init__(self, directory, server_conf: str, *, http_conf: str = "",
                  user: str | None = None) -> None:
-        self.dir = os.path.join(str(directory), f"nginx-{os.getpid()}-{id(self)}")
+        super().__init__(directory, "nginx")
         os.makedirs(os.path.join(self.dir, "temp"), exist_ok=True)
-        self.port = free_port()
-        self.conf_path = os.path.join(self.dir, "nginx.conf")
-        self.error_log_path = os.path.join(self.dir, "error.log")
         self.access_log_path = os.path.join(self.dir, "access.log")
         temp = os.path.join(self.dir, "temp")
         temps = "\n".join(
@@ -62,71 +55,12 @@ http {{
 """
         with open(self.conf_path, "w") as f:
             f.write(conf)
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 10.0) -> "Nginx":
-        check = subprocess.run([NGINX, "-t", "-q", "-c", self.conf_path, "-e",
-                                self.error_log_path], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise AssertionError(f"nginx rejected its config:\n{check.stderr}\n"
-                                 f"{open(self.conf_path).read()}")
-        self.proc = subprocess.Popen([NGINX, "-c", self.conf_path, "-e",
-                                      self.error_log_path],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace")
-                raise AssertionError(f"nginx exited {self.proc.returncode}: {err}\n"
-                                     f"{self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"nginx does not answer on port {self.port} "
-                                         f"after {timeout}s ({exc}):\n{self.error_log()}")
-                time.sleep(0.01)
+    def check_command(self) -> list[str]:
+        return [NGINX, "-t", "-q", "-c", self.conf_path, "-e", self.error_log_path]
 
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def error_log(self) -> str:
-        try:
-            with open(self.error_log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Graceful QUIT, then KILL (master and workers) on timeout."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            import psutil
-            workers = psutil.Process(proc.pid).children()
-            proc.kill()
-            proc.wait()
-            for worker in workers:
-                try:
-                    worker.kill()
-                except psutil.NoSuchProcess:
-                    pass
-        finally:
-            if proc.stderr:
-                proc.stderr.close()
-
-    def __enter__(self) -> "Nginx":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def run_command(self) -> list[str]:
+        return [NGINX, "-c", self.conf_path, "-e", self.error_log_path]
 
 
 def start_nginx(directory, server_conf: str, *, http_conf: str = "",
