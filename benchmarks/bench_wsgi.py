@@ -55,7 +55,8 @@ SPAWND_WSGI = os.path.join(VENV_BIN, "spawnd-wsgi")
 NGINX = "/usr/sbin/nginx"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POST_BODY = b"x" * (1 << 20)          # what apps/post.lua sends
-POST_ANSWER = b"%d %08x" % (len(POST_BODY), zlib.crc32(POST_BODY))
+POST_ANSWER = b"%d" % len(POST_BODY)
+POST_CRC_ANSWER = b"%d %08x" % (len(POST_BODY), zlib.crc32(POST_BODY))
 
 
 # ---- small helpers -----------------------------------------------------------------------
@@ -147,9 +148,16 @@ class Server:
         return self
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        self.terminate()
+        self.proc = None
         if self.log:
             self.log.close()
+            self.log = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)      # spawn-fcgi leaves its socket behind
+
+    def terminate(self) -> None:
+        stop_process(self.proc)
 
     def log_text(self) -> str:
         with open(os.path.join(self.dir, f"{self.key}.log"), errors="replace") as f:
@@ -195,10 +203,8 @@ class Uwsgi(Server):
                 "--processes", "1", "--disable-logging", "--die-on-term",
                 "--chdir", APPS, "--module", "benchapp:application"]
 
-    def stop(self):
+    def terminate(self):
         stop_process(self.proc, signal.SIGINT)
-        if self.log:
-            self.log.close()
 
 
 SERVERS = [SpawndWsgi, Flup, Uwsgi]
@@ -284,7 +290,11 @@ http {{
                                    f"{self.error_log()}")
             socket.create_connection(("127.0.0.1", self.port), 0.5).close()
             return len(children(self.proc.pid)) == 1
-        wait_until(up, 10, "nginx to listen with its one worker")
+        try:
+            wait_until(up, 10, "nginx to listen with its one worker")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def worker_pid(self) -> int:
@@ -301,6 +311,12 @@ http {{
 
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGQUIT)
+
+    def __enter__(self) -> "Nginx":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # ---- cases -------------------------------------------------------------------------------
@@ -353,11 +369,15 @@ def fetch(port: int, method: str, path: str, conn=None) -> tuple[int, bytes]:
 def check_answer(nginx: Nginx, case: Case, column: str) -> None:
     """Every column must answer every case correctly (twice: a reused upstream connection
     must work too) before anything is measured."""
-    for _ in range(2):
-        status, body = fetch(nginx.port, case.method, case.path(column))
-        want = b"hello" if column == NGINX_COL and case.script else case.expect
+    checks = [(case.path(column), case.expect)] * 2
+    if column == NGINX_COL and case.script:
+        checks = [(case.path(column), b"hello")]
+    elif case.script:       # also: every byte of the body arrived (CRC-32)
+        checks.append((case.path(column) + "?crc", POST_CRC_ANSWER))
+    for path, want in checks:
+        status, body = fetch(nginx.port, case.method, path)
         if status != 200 or body != want:
-            raise RuntimeError(f"{column} answers {case.path(column)} wrongly: {status} "
+            raise RuntimeError(f"{column} answers {path} wrongly: {status} "
                                f"{body[:80]!r}... ({len(body)} bytes), want 200 "
                                f"{want[:80]!r} ({len(want)} bytes)\n{nginx.error_log()}")
 
@@ -513,16 +533,9 @@ def main(argv=None) -> int:
 
     workdir = tempfile.mkdtemp(prefix="bench-wsgi-")
     try:
-        with contextlib.ExitStack() as stack:
-            load_before = machine_load()
-            servers = [cls(workdir) for cls in SERVERS]
-            for srv in servers:
-                progress(f"starting {srv.name}")
-                stack.callback(srv.stop)
-                srv.start()
-            nginx = Nginx(workdir, servers)
-            stack.callback(nginx.stop)
-            nginx.start()
+        load_before = machine_load()
+        servers = [cls(workdir) for cls in SERVERS]
+        with Nginx(workdir, servers).start() as nginx:
             return run(args, nginx, servers, cases, duration, rounds, strace_n, workdir,
                        load_before)
     finally:
@@ -532,36 +545,42 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def fresh(servers: list[Server]):
+    """Start every server anew, yield {key: pid of the process running the application},
+    stop them all (also on failure). Each case gets new processes, so no case inherits
+    another's state (the allocator's, above all: see benchmarks/wsgi.md)."""
+    with contextlib.ExitStack() as stack:
+        for srv in servers:
+            stack.callback(srv.stop)
+            srv.start()
+        yield {srv.key: srv.serving_pid() for srv in servers}
+
+
 def run(args, nginx, servers, cases, duration, rounds, strace_n, workdir, load_before) -> int:
     columns = [s.key for s in servers] + [NGINX_COL]
     names = {s.key: s.name for s in servers} | {NGINX_COL: "nginx alone"}
-    pids = {s.key: s.serving_pid() for s in servers}
     worker = nginx.worker_pid()
-    for case in cases:
-        for col in columns:
-            check_answer(nginx, case, col)
-    progress("every server answers every case correctly")
-
-    for case in cases:                     # warm-up: not measured
-        for col in columns:
-            run_wrk(nginx.url(case.path(col)), 1, args.connections, case.script, [])
-
     results = {(c.name, col): [] for c in cases for col in columns}
     loads = []
     for r in range(rounds):
         loads.append(os.getloadavg()[0])
         for case in cases:
-            order = columns[r % len(columns):] + columns[:r % len(columns)]
-            for col in order:
-                watched = [pids[col], worker] if col in pids else [worker]
-                res = run_wrk(nginx.url(case.path(col)), duration, args.connections,
-                              case.script, watched)
-                results[(case.name, col)].append(res)
-                progress(f"round {r + 1}/{rounds} {case.name:28} {names[col]:12} "
-                         f"{res['rps']:9,.0f} req/s  errors {res['errors']}")
-        for col in columns:                 # every server must still answer right
-            for case in cases:
-                check_answer(nginx, case, col)
+            with fresh(servers) as pids:
+                for col in columns:
+                    check_answer(nginx, case, col)
+                for col in columns:         # warm-up, not measured
+                    run_wrk(nginx.url(case.path(col)), 1, args.connections, case.script, [])
+                order = columns[r % len(columns):] + columns[:r % len(columns)]
+                for col in order:
+                    watched = [pids[col], worker] if col in pids else [worker]
+                    res = run_wrk(nginx.url(case.path(col)), duration, args.connections,
+                                  case.script, watched)
+                    results[(case.name, col)].append(res)
+                    progress(f"round {r + 1}/{rounds} {case.name:28} {names[col]:12} "
+                             f"{res['rps']:9,.0f} req/s  errors {res['errors']}")
+                for col in columns:         # and still answers right afterwards
+                    check_answer(nginx, case, col)
 
     print(f"# bench_wsgi: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} "
           f"CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -593,7 +612,7 @@ def run(args, nginx, servers, cases, duration, rounds, strace_n, workdir, load_b
         for col in columns:
             per = [[c / x["requests"] * 1e6 for c in x["cpu"]]
                    for x in results[(case.name, col)]]
-            if col in pids:
+            if col != NGINX_COL:
                 cells.append(f"{statistics.median(p[0] for p in per):.0f} / "
                              f"{statistics.median(p[1] for p in per):.0f}")
             else:
@@ -613,8 +632,10 @@ def run(args, nginx, servers, cases, duration, rounds, strace_n, workdir, load_b
         for case in (CASES["hello"], CASES["hello-keep"]):
             for srv in servers:
                 progress(f"strace {srv.name} {case.name}")
-                per, calls = count_syscalls(nginx, case, srv.key, pids[srv.key], strace_n,
-                                            workdir)
+                with fresh([srv]) as pids:
+                    check_answer(nginx, case, srv.key)
+                    per, calls = count_syscalls(nginx, case, srv.key, pids[srv.key],
+                                                strace_n, workdir)
                 top = ", ".join(f"{name} {n / strace_n:.2f}" for name, n in calls
                                 if n / strace_n >= 0.05)
                 rows.append([case.name, srv.name, f"{per:.1f}", top])
