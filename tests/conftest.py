@@ -41,7 +41,7 @@ LEFTOVER_GRACE = float(os.environ.get("SPAWND_TEST_LEFTOVER_GRACE", "3"))
 def pytest_configure(config):
     import spawnd
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spawnd")
-    if os.path.dirname(os.path.abspath(spawnd.__file__)) != here:
+    if os.path.isdir(here) and os.path.dirname(os.path.abspath(spawnd.__file__)) != here:
         # A packaged spawnd (e.g. /usr/lib/python3/dist-packages/spawnd left by a .deb) would
         # be imported instead of this source tree, and every test would test it.
         pytest.exit(f"spawnd is imported from {spawnd.__file__}, not from {here}: remove the "
