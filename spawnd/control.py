@@ -17,6 +17,7 @@ everybody else is refused. The socket file is created owner-only and gets admin_
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -86,6 +87,10 @@ class AdminServer:
             listenmod.Bound(self.sock, self.path, self.path, self.inode).close()
             self.sock = None
 
+    def _resume(self) -> None:
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
     def _accept(self, _mask=None) -> None:
         while True:
             try:
@@ -93,7 +98,14 @@ class AdminServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning(f"admin socket: accept failed: {e.strerror}")
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The pending connection stays pending and the event level-triggered:
+                    # stop listening for a moment instead of spinning.
+                    log.warning(f"admin socket: accept failed ({e.strerror}); pausing 0.5s")
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(0.5, self._resume)
+                else:
+                    log.warning(f"admin socket: accept failed: {e.strerror}")
                 return
             if len(self.clients) >= MAX_CLIENTS:
                 conn.close()

@@ -400,3 +400,31 @@ def test_every_command_in_human_and_json_form(daemon, pub):
     r = ctl(daemon, "shutdown", "--json", check=0)
     assert json.loads(r.stdout) == {"shutting_down": True}
     assert daemon.proc.wait(15) == 0
+
+
+def test_admin_socket_out_of_fds_pauses_instead_of_spinning(tmp_path, pub):
+    """With spawnd out of file descriptors, a waiting admin client must not make the loop
+    spin: spawnd pauses accepting, logs once per pause, and answers once fds are free."""
+    import resource
+    with Spawnd(tmp_path, _config(tmp_path, pub, _cgi_pool("alpha", pub, 1))) as d:
+        d.start()
+        wait_running(d)
+        # Lower spawnd's fd limit to what it has open now: the next accept() gets EMFILE.
+        used = len(os.listdir(f"/proc/{d.pid}/fd"))
+        soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (used, hard))
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(d.admin_socket)
+        wait_for(lambda: d.seen("pausing 0.5s"), what="the pause logged")
+        with open(f"/proc/{d.pid}/stat") as f:
+            t0 = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        time.sleep(1.0)     # measuring CPU over a fixed window is the point here
+        with open(f"/proc/{d.pid}/stat") as f:
+            cpu = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13]) - t0
+        assert cpu <= 10, f"{cpu} clock ticks of CPU in 1 s while out of fds: spinning"
+        assert d.count("pausing 0.5s") <= 4
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        c.settimeout(5)
+        c.sendall(b'{"cmd": "status"}\n')
+        assert json.loads(c.makefile("rb").readline())["ok"] is True
+        c.close()
