@@ -58,6 +58,16 @@ def endless(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return Recorded(os.environ["MARKER"])
 
+class CloseRaises:
+    def __iter__(self):
+        yield b"complete"
+    def close(self):
+        raise RuntimeError("boom in close")
+
+def close_raises(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return CloseRaises()
+
 def router(environ, start_response):
     name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
     return globals()[name](environ, start_response)
@@ -163,6 +173,19 @@ def test_application_errors(appdir):
         # the connection is still in a clean state
         assert b"hello" in ex.request(cgi_params("/hello"), keep_conn=True)[0]
         wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_close_raising_after_a_complete_response_is_logged_not_fatal(appdir, threads):
+    """The response was already ended when close() raised: no second END_REQUEST."""
+    with Runner(appdir, "apps:router", "--threads", threads) as r:
+        ex = Exchange(r.path)
+        out, _, end = ex.request(cgi_params("/close_raises"), keep_conn=True)
+        assert split_cgi(out)[2] == b"complete" and end.app_status == 0
+        assert b"hello" in ex.request(cgi_params("/hello"), keep_conn=True)[0]
+        wait_until(lambda: "boom in close" in r.stderr(), 5, "the traceback logged")
+        assert r.proc.poll() is None, r.stderr()
+        assert r.stop() == 0
 
 
 def test_client_abort_mid_response_calls_close_and_runner_survives(appdir):

@@ -21,8 +21,12 @@ class StdoutSink:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.ended = False
 
     def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+        if self.ended:
+            return
+        self.ended = end
         view = memoryview(data)
         try:
             while view:

@@ -2,9 +2,11 @@
 
 The output goes to a *sink* with one method, ``send(data, end=False, status=0)``: ``data``
 is raw CGI response bytes (the header block, then body bytes); ``end=True`` finishes the
-response (``status`` is the FastCGI application status). Each call is one write, so the header block travels with the first body chunk, and a list/tuple result is
-sent together with the end of the response. ``send`` raises OSError when the peer is gone;
-the application's ``close()`` is called in every case. A sink raises ``PeerGone`` (and
+response (``status`` is the FastCGI application status); a sink ignores anything sent
+after the end. Each call is one write, so the header block travels with the first body
+chunk, and a list/tuple result is sent together with the end of the response. The
+application's ``close()`` is called in every case; if it raises after the response was
+complete, the traceback is logged and the response stands. A sink raises ``PeerGone`` (and
 only that) when the web server is gone, so an OSError from the application is an
 application error.
 """
@@ -47,13 +49,14 @@ class PeerGone(Exception):
 
 
 class _Response:
-    __slots__ = ("sink", "status", "headers", "sent")
+    __slots__ = ("sink", "status", "headers", "sent", "ended")
 
     def __init__(self, sink) -> None:
         self.sink = sink
         self.status: str | None = None
         self.headers: bytes | None = None
         self.sent = False
+        self.ended = False          # the end of the response was sent
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -98,6 +101,7 @@ class _Response:
             last = self.headers + last
             self.sent = True
         self.sink.send(last, end=True)
+        self.ended = True
 
 
 def run_app(app, environ: dict, sink, errors=None) -> bool:
@@ -135,6 +139,8 @@ def _app_error(resp: _Response, sink, errors) -> bool:
         stream.flush()
     except (OSError, ValueError):
         pass
+    if resp.ended:      # e.g. close() raised after a complete response: nothing to add
+        return True
     try:
         if resp.sent:
             sink.send(b"", end=True, status=1)

@@ -135,6 +135,8 @@ class FcgiSink:
         self.ended = False
 
     def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+        if self.ended:
+            return                  # the request is over: nothing more belongs to it
         conn = self.conn
         if conn.closed or conn.eof:
             raise PeerGone()
