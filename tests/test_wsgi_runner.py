@@ -68,6 +68,12 @@ def close_raises(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return CloseRaises()
 
+def exit3(environ, start_response):
+    sys.exit(3)
+
+def interrupt(environ, start_response):
+    raise KeyboardInterrupt
+
 def router(environ, start_response):
     name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
     return globals()[name](environ, start_response)
@@ -186,6 +192,34 @@ def test_close_raising_after_a_complete_response_is_logged_not_fatal(appdir, thr
         wait_until(lambda: "boom in close" in r.stderr(), 5, "the traceback logged")
         assert r.proc.poll() is None, r.stderr()
         assert r.stop() == 0
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("uri,status", [("/exit3", 3), ("/interrupt", -signal.SIGINT)])
+def test_app_raising_systemexit_stops_the_runner_with_its_status(appdir, threads, uri,
+                                                                 status):
+    """Not a silently dead worker thread: the runner finishes what is in flight, then
+    exits as the application asked (as it always did with --threads 1)."""
+    with Runner(appdir, "apps:router", "--threads", threads) as r:
+        result = {}
+        slow = Exchange(r.path)
+        slow.sock.sendall(slow.conn.begin_request(1, params=cgi_params("/slow?0.5"))
+                          + slow.conn.send_stdin(1, b""))
+        if threads != "1":
+            wait_until(lambda: _in_app(r), 5, "the slow request to be in the app")
+            t = threading.Thread(target=lambda: result.update(out=slow.response()[0]))
+            t.start()
+        ex = Exchange(r.path, timeout=10)
+        if threads == "1":
+            assert slow.response()[0].endswith(b"slow done")
+        ex.sock.sendall(ex.conn.begin_request(1, params=cgi_params(uri))
+                        + ex.conn.send_stdin(1, b""))
+        assert ex.closed_by_peer(), "the connection of the failed request stayed open"
+        assert r.proc.wait(10) == status, r.stderr()
+        if threads != "1":
+            t.join(5)
+            assert result.get("out", b"").endswith(b"slow done"), result
+        assert "stopping" in r.stderr()
 
 
 def test_client_abort_mid_response_calls_close_and_runner_survives(appdir):

@@ -38,6 +38,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 
 from spawnd.fastcgi.protocol import (AbortRequest, ProtocolError, Request, ServerConnection,
                                      StdinData, StdinEnd)
@@ -187,6 +188,7 @@ class Server:
             "wsgi.input_terminated": True,
             "wsgi.file_wrapper": FileWrapper,
         }
+        self._exit: BaseException | None = None
         self._work: queue.SimpleQueue | None = None
         self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -212,17 +214,25 @@ class Server:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+        if self._exit is not None:
+            raise self._exit        # the application's SystemExit/KeyboardInterrupt
         return 0
 
     def _on_signal(self, signum, frame) -> None:
-        if not self.stopping:
-            self.stopping = True
-            log(f"{signal.Signals(signum).name}: finishing requests in flight, then exiting")
+        self._begin_stop(f"{signal.Signals(signum).name}: finishing requests in flight, "
+                         "then exiting")
 
     def stop(self) -> None:
         """Stop accepting, finish what is in flight, then return from serve()."""
-        self.stopping = True
+        self._begin_stop()
         self._wake()
+
+    def _begin_stop(self, reason: str | None = None) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if reason:
+            log(reason)
 
     def _wake(self) -> None:
         try:
@@ -368,13 +378,12 @@ class Server:
     def _dispatch(self, conn: Conn) -> None:
         conn.busy = True
         self.requests += 1
-        if self.max_requests and self.requests >= self.max_requests and not self.stopping:
-            log(f"served {self.requests} requests (--max-requests): exiting")
-            self.stopping = True
+        if self.max_requests and self.requests >= self.max_requests:
+            self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
         if self._work is not None:
             self._work.put(conn)
         else:
-            self._serve_conn(conn)
+            self._run(conn)
 
     def _rearm(self, conn: Conn) -> None:
         if self._arm & select.EPOLLONESHOT:
@@ -444,13 +453,27 @@ class Server:
 
     # -- serving requests (loop thread with --threads 1, else a worker) ------------------
     def _worker(self) -> None:
+        get = self._work.get
         while True:
-            conn = self._work.get()
-            try:
-                self._serve_conn(conn)
-            except Exception as exc:  # never lose a worker
-                log(f"internal error serving a connection: {exc!r}")
-                self._close(conn)
+            self._run(get())
+
+    def _run(self, conn: Conn) -> None:
+        """Serve a connection's requests; whatever escapes closes that connection only,
+        except SystemExit/KeyboardInterrupt from the application: then the runner stops
+        (finishing the other requests in flight) and serve() re-raises it, so the process
+        exits with its status whatever --threads is, and spawnd starts a replacement."""
+        try:
+            self._serve_conn(conn)
+        except BaseException as exc:
+            self._close(conn)
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                if self._exit is None:
+                    self._exit = exc
+                self._begin_stop(f"the application raised {exc!r}: stopping")
+                self._wake()
+            else:
+                log(f"internal error serving a connection: {exc!r}\n"
+                    + traceback.format_exc().rstrip())
 
     def _serve_conn(self, conn: Conn) -> None:
         events = conn.events
