@@ -398,6 +398,55 @@ def test_two_runners_share_one_socket_while_one_holds_idle_connections(appdir, t
         assert os.get_blocking(listener.fileno())
 
 
+def _threads_in(pid: int, syscall_nr: int) -> int:
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                n += f.read().split()[0] == str(syscall_nr)
+        except (OSError, IndexError):
+            pass
+    return n
+
+
+ACCEPT4 = 288       # x86-64
+
+
+def test_a_busy_runner_leaves_new_connections_to_an_idle_sibling(appdir, tmp_path):
+    """--threads 1, two processes on one socket, one inside a 2 s request: the busy one
+    stops accepting, so fast requests on new connections all go to the idle one."""
+    path = str(tmp_path / "shared.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(64)
+    a = Runner(appdir, "apps:router", listener=listener)
+    b = Runner(appdir, "apps:router", listener=listener)
+    with listener, a, b:
+        for r in (a, b):
+            wait_until(lambda: _threads_in(r.proc.pid, ACCEPT4) == 1, 5,
+                       f"{r.proc.pid}'s acceptor to wait in accept4")
+        slow = Exchange(path)
+        slow.sock.sendall(slow.conn.begin_request(1, params=cgi_params("/slow?2"))
+                          + slow.conn.send_stdin(1, b""))
+        busy = wait_until(lambda: [r for r in (a, b) if _in_app(r)], 5,
+                          "one runner to be in the slow request")[0]
+        idle = b if busy is a else a
+        wait_until(lambda: _threads_in(busy.proc.pid, ACCEPT4) == 0, 2,
+                   "the busy runner's acceptor to leave accept4")
+        took = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            out = Exchange(path, timeout=5).request(cgi_params("/hello"))[0]
+            took.append(time.monotonic() - t0)
+            assert int(out.split(b"pid=")[1].split()[0]) == idle.proc.pid
+        assert max(took) < 0.5, took
+        assert slow.response()[0].endswith(b"slow done")
+        # once free again, the busy one accepts again
+        wait_until(lambda: _threads_in(busy.proc.pid, ACCEPT4) == 1, 5,
+                   "the formerly busy runner to accept again")
+        assert a.stop() == 0 and b.stop() == 0
+
+
 def test_import_errors_are_clear(tmp_path):
     write_app(tmp_path, "broken", "import no_such_module_xyz\n")
     write_app(tmp_path, "noattr", "app = None\n")

@@ -14,7 +14,9 @@ Threads and who owns what
   select-then-accept does. ``accept4`` is called through ctypes, because Python's
   ``socket.accept`` retries EINTR in non-main threads: through ctypes a signal sent to
   the acceptor (``pthread_kill``) interrupts a *waiting* accept without taking a
-  connection, so a stopping runner never accepts a connection it will not serve.
+  connection, so a stopping runner never accepts a connection it will not serve. It
+  accepts only while fewer than ``--threads`` requests are in the application (see
+  ``_accept_loop``): a full runner leaves new connections to its idle siblings.
 * Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
   to the thread that runs the application: the loop itself with ``--threads 1``, else a
   worker. That thread reads STDIN from the socket only when the application reads
@@ -51,10 +53,37 @@ DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connecti
 DRAIN_TIME = 2.0            # seconds a draining connection may take
 FRESH_GRACE = 1.0           # at stop, seconds a new connection has to send its request
 
+KICK_DELAY = 0.005          # a request in the app this long makes a full runner stop accepting
+KICK = signal.SIGRTMIN + 1  # sent to the acceptor thread only, to interrupt accept4()
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _accept4 = _libc.accept4
 _accept4.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 _accept4.restype = ctypes.c_int
+_timer_create = _libc.timer_create
+_timer_create.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p))
+_timer_settime = _libc.timer_settime
+_timer_settime.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_SIGEV_THREAD_ID = 4
+
+
+class ThreadTimer:
+    """A one-shot POSIX timer that sends ``signo`` to one thread (SIGEV_THREAD_ID).
+
+    The kernel does the waiting: arming costs one system call and no thread wakes up
+    unless the timer expires."""
+
+    def __init__(self, signo: int, tid: int) -> None:
+        # struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, _tid
+        sev = struct.pack("qiii44x", 0, signo, _SIGEV_THREAD_ID, tid)
+        self._id = ctypes.c_void_p()
+        if _timer_create(time.CLOCK_MONOTONIC, sev, ctypes.byref(self._id)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+    def arm(self, seconds: float) -> None:
+        ns = int(seconds * 1e9)
+        spec = struct.pack("qqqq", 0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
+        _timer_settime(self._id, 0, spec, None)
 
 
 def log(message: str) -> None:
@@ -63,6 +92,10 @@ def log(message: str) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def _ignore(signum, frame) -> None:
+    """KICK's handler: its only job is to make the acceptor's accept4() fail with EINTR."""
 
 
 class ClientDisconnected(ConnectionError):
@@ -189,6 +222,11 @@ class Server:
             "wsgi.file_wrapper": FileWrapper,
         }
         self._exit: BaseException | None = None
+        self._gate = threading.Condition(threading.Lock())
+        self._in_app = 0            # connections dispatched and not yet done
+        self._parked = False        # the acceptor waits on _gate
+        self._kick_timer: ThreadTimer | None = None
+        self._kick_at = 0.0
         self._work: queue.SimpleQueue | None = None
         self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -200,6 +238,7 @@ class Server:
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         old_handlers = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers[KICK] = signal.signal(KICK, _ignore)
         try:
             if self.threads > 1:
                 self._work = queue.SimpleQueue()
@@ -242,9 +281,29 @@ class Server:
 
     # -- the acceptor thread -------------------------------------------------------------
     def _accept_loop(self) -> None:
+        """Accept while fewer than --threads requests are in the application.
+
+        When they are all busy, a connection waiting in the shared listen queue is
+        better served by an idle sibling process (and stays visible to spawnd's queue
+        depth scaling): the acceptor parks on ``_gate`` until a request finishes. It may
+        already be blocked in accept4() when the application becomes full; then the
+        request's KICK timer (KICK_DELAY) interrupts it, so a fast request costs no
+        signal at all and a slow one holds no waiting accept()."""
+        try:
+            self._kick_timer = ThreadTimer(KICK, threading.get_native_id())
+        except OSError as exc:
+            log(f"timer_create failed ({exc}): a busy runner keeps accepting")
         lfd = self.listener.fileno()
         flags = socket.SOCK_CLOEXEC
+        gate = self._gate
         while not self.stopping:
+            if self._in_app >= self.threads:
+                with gate:
+                    self._parked = True
+                    while self._in_app >= self.threads and not self.stopping:
+                        gate.wait()
+                    self._parked = False
+                continue
             fd = _accept4(lfd, None, None, flags)
             if fd < 0:
                 err = ctypes.get_errno()
@@ -323,8 +382,10 @@ class Server:
                 acceptor = self._acceptor
                 if acceptor is not None and acceptor.is_alive() and now - kicked > 0.015:
                     kicked = now
+                    with self._gate:
+                        self._gate.notify_all()
                     try:
-                        signal.pthread_kill(acceptor.ident, signal.SIGTERM)
+                        signal.pthread_kill(acceptor.ident, KICK)
                     except (ProcessLookupError, OSError):
                         pass
                 if self._finished():
@@ -377,6 +438,14 @@ class Server:
 
     def _dispatch(self, conn: Conn) -> None:
         conn.busy = True
+        with self._gate:
+            self._in_app += 1
+            full = self._in_app >= self.threads
+        if full and self._kick_timer is not None:
+            now = time.monotonic()
+            if now >= self._kick_at:        # else a kick is due already (spurious is fine)
+                self._kick_at = now + KICK_DELAY
+                self._kick_timer.arm(KICK_DELAY)
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
@@ -474,6 +543,12 @@ class Server:
             else:
                 log(f"internal error serving a connection: {exc!r}\n"
                     + traceback.format_exc().rstrip())
+        finally:
+            gate = self._gate
+            with gate:
+                self._in_app -= 1
+                if self._parked:
+                    gate.notify()
 
     def _serve_conn(self, conn: Conn) -> None:
         events = conn.events
