@@ -73,6 +73,9 @@ LOG=$WORK/check.log
 ROOT=$WORK/rootfs
 MACHINE=spawnd-check-$$
 NSPAWN_PID="" LEADER="" FAILED=0
+# nspawn leaves empty state directories in /run/systemd/nspawn; remove them if they are ours.
+NSPAWN_RUN=/run/systemd/nspawn
+[ -e "$NSPAWN_RUN" ] && NSPAWN_RUN=""
 
 log() { echo "$*" >>"$LOG"; }
 say() { echo "$*" | tee -a "$LOG"; }
@@ -84,6 +87,7 @@ run() {
 
 cleanup() {
     stop_container
+    [ -n "$NSPAWN_RUN" ] && rmdir "$NSPAWN_RUN"/locks "$NSPAWN_RUN"/propagate "$NSPAWN_RUN" 2>/dev/null
     if [ "$KEEP" = 1 ]; then
         echo "kept $WORK (log: $LOG)"
     else
