@@ -3,7 +3,8 @@
 The source is a callable returning the next chunk of the body (``b""`` at its end). It
 is called only when the application asks for more than is buffered, so at most one
 chunk is held here: a large upload is never accumulated unless the application itself
-calls ``read()`` without a size. The stream always ends at the end of the body (the
+asks for it in one call. A call that needs several chunks collects them in a list and
+joins them once, so ``read(n)`` and ``readline()`` are linear in what they return. The stream always ends at the end of the body (the
 FastCGI STDIN stream, or CONTENT_LENGTH bytes in CGI mode): ``wsgi.input_terminated``.
 """
 from __future__ import annotations
@@ -18,57 +19,64 @@ class InputStream:
         self._pos = 0
         self._eof = False
 
-    def _more(self) -> bool:
-        """Replace the (consumed) buffer with the next chunk; False at the end."""
+    def _pull(self) -> bytes:
+        """The next chunk from the source (b"" at the end, and from then on)."""
         if self._eof:
-            return False
+            return b""
         chunk = self._next()
         if not chunk:
             self._eof = True
-            return False
-        self._buf = self._buf[self._pos:] + chunk if self._pos < len(self._buf) else chunk
-        self._pos = 0
-        return True
+        return chunk
 
     def read(self, size: int | None = -1) -> bytes:
+        buf, pos = self._buf, self._pos
         if size is None or size < 0:
-            parts = [self._buf[self._pos:]]
+            parts = [buf[pos:]]
             self._buf, self._pos = b"", 0
-            while not self._eof:
-                chunk = self._next()
-                if not chunk:
-                    self._eof = True
-                else:
-                    parts.append(chunk)
+            while chunk := self._pull():
+                parts.append(chunk)
             return b"".join(parts)
-        while len(self._buf) - self._pos < size and self._more():
-            pass
-        start = self._pos
-        data = self._buf[start:start + size]
-        self._pos = start + len(data)
-        return data
+        if len(buf) - pos >= size:          # the common case: served from the buffer
+            self._pos = pos + size
+            return buf[pos:pos + size]
+        # Collect whole chunks and join once: linear in the size read.
+        parts = [buf[pos:]]
+        need = size - (len(buf) - pos)
+        self._buf, self._pos = b"", 0
+        while need > 0:
+            chunk = self._pull()
+            if not chunk:
+                break
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self._buf, self._pos = chunk, need
+                break
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = -1 if size is None or size < 0 else size
-        scanned = 0
+        buf, pos = self._buf, self._pos
+        parts = []
         while True:
-            end = self._buf.find(b"\n", self._pos + scanned)
-            avail = len(self._buf) - self._pos
-            if end >= 0:
-                n = end + 1 - self._pos
-                break
-            if 0 <= limit <= avail:
-                n = limit
-                break
-            scanned = avail
-            if not self._more():
-                n = len(self._buf) - self._pos
-                break
-        if 0 <= limit < n:
-            n = limit
-        data = self._buf[self._pos:self._pos + n]
-        self._pos += len(data)
-        return data
+            end = buf.find(b"\n", pos)
+            stop = len(buf) if end < 0 else end + 1
+            if limit >= 0 and stop - pos > limit:
+                stop = pos + limit
+            if not parts and (end >= 0 or stop - pos == limit):
+                self._pos = stop            # the common case: one slice of the buffer
+                return buf[pos:stop]
+            parts.append(buf[pos:stop])
+            if limit >= 0:
+                limit -= stop - pos
+            if stop < len(buf) or end >= 0 or limit == 0:
+                self._buf, self._pos = buf, stop
+                return b"".join(parts)
+            buf, pos = self._pull(), 0
+            if not buf:
+                self._buf, self._pos = b"", 0
+                return b"".join(parts)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines, total = [], 0
@@ -93,8 +101,8 @@ class InputStream:
     def drain(self) -> None:
         """Consume the rest of the body without keeping it."""
         self._buf, self._pos = b"", 0
-        while self._more():
-            self._buf, self._pos = b"", 0
+        while self._pull():
+            pass
 
     @property
     def finished(self) -> bool:
