@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from spawnd.fastcgi.protocol import (BEGIN_REQUEST, ClientConnection, GetValuesResult,
-                                     encode_record)
+from spawnd.fastcgi.protocol import (BEGIN_REQUEST, ClientConnection, EndRequest,
+                                     GetValuesResult, Stdout, encode_record)
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
 
@@ -73,6 +73,11 @@ def exit3(environ, start_response):
 
 def interrupt(environ, start_response):
     raise KeyboardInterrupt
+
+def two_chunks(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"first "
+    yield b"second"
 
 def router(environ, start_response):
     name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
@@ -351,6 +356,34 @@ def test_fcgi_web_server_addrs(appdir, allowed, ok):
             pass
         s.close()
         assert (b"hello" in data) == ok, (data, r.stderr())
+        assert r.stop() == 0
+
+
+def test_tcp_connections_have_no_nagle_delay(appdir):
+    """A generator's chunks are separate writes; with Nagle the second waits for the
+    client's delayed ACK (~40 ms on Linux)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    with listener, Runner(appdir, "apps:router", listener=listener) as r:
+        s = socket.create_connection(listener.getsockname(), 5)
+        client = ClientConnection()
+        times = []
+        for _ in range(15):
+            t0 = time.monotonic()
+            s.sendall(client.begin_request(1, keep_conn=True, params=cgi_params("/two_chunks"))
+                      + client.send_stdin(1, b""))
+            got, done = b"", False
+            while not done:
+                for ev in client.receive_data(s.recv(65536)):
+                    if type(ev) is Stdout:
+                        got += ev.data
+                    done = done or type(ev) is EndRequest
+            times.append(time.monotonic() - t0)
+            assert got.endswith(b"first second"), got
+        s.close()
+        times.sort()
+        assert times[len(times) // 2] < 0.010, times
         assert r.stop() == 0
 
 

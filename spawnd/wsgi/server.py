@@ -199,8 +199,8 @@ class Server:
         self.prefix = script_name
         self.max_requests = max_requests
         self.graceful_timeout = graceful_timeout
-        self.allowed = allowed if listener.family in (socket.AF_INET,
-                                                       socket.AF_INET6) else None
+        self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+        self.allowed = allowed if self._tcp else None
         tv = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))
         self._timeval = tv
         self.requests = 0
@@ -324,6 +324,8 @@ class Server:
             if self._allowed(sock):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
+                if self._tcp:   # a response's records in several writes: no Nagle delay
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
                                                    max_reqs=1, mpxs_conns=False))
                 self.conns[fd] = conn
