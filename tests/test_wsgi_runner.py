@@ -304,8 +304,11 @@ def _in_app(r) -> bool:
     return False
 
 
-def test_sigterm_with_a_stuck_request_is_bounded_by_graceful_timeout(appdir):
-    with Runner(appdir, "apps:router", "--threads", "2", "--graceful-timeout", "300ms") as r:
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_sigterm_with_a_stuck_request_is_bounded_by_graceful_timeout(appdir, threads):
+    """With --threads 1 the stuck request is in the loop thread itself."""
+    with Runner(appdir, "apps:router", "--threads", threads,
+                "--graceful-timeout", "300ms") as r:
         ex = Exchange(r.path)
         c = ex.conn
         ex.sock.sendall(c.begin_request(1, params=cgi_params("/slow?30")))

@@ -222,6 +222,7 @@ class Server:
             "wsgi.file_wrapper": FileWrapper,
         }
         self._exit: BaseException | None = None
+        self._stop_event = threading.Event()
         self._gate = threading.Condition(threading.Lock())
         self._in_app = 0            # connections dispatched and not yet done
         self._parked = False        # the acceptor waits on _gate
@@ -245,6 +246,8 @@ class Server:
                 for n in range(self.threads):
                     threading.Thread(target=self._worker, name=f"wsgi-worker-{n}",
                                      daemon=True).start()
+            threading.Thread(target=self._watchdog, name="graceful-timeout",
+                             daemon=True).start()
             self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor",
                                               daemon=True)
             self._acceptor.start()
@@ -270,8 +273,19 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
+        self._stop_event.set()      # starts the --graceful-timeout watchdog
         if reason:
             log(reason)
+
+    def _watchdog(self) -> None:
+        """Enforces --graceful-timeout from its own thread, because the thread that
+        would otherwise notice may be the one stuck in the application (--threads 1).
+        Exits 0 like any stop: spawnd asked for it (or --max-requests did)."""
+        self._stop_event.wait()
+        time.sleep(self.graceful_timeout)
+        busy = sum(1 for c in list(self.conns.values()) if c.busy)
+        log(f"graceful timeout: exiting with {busy} request(s) unfinished")
+        os._exit(0)
 
     def _wake(self) -> None:
         try:
@@ -349,7 +363,7 @@ class Server:
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
-        deadline = fresh_deadline = None
+        fresh_deadline = None
         kicked = 0.0
         while True:
             timeout = -1
@@ -375,8 +389,7 @@ class Server:
                 self._expire_drains()
             if self.stopping:
                 now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.graceful_timeout
+                if fresh_deadline is None:
                     fresh_deadline = now + min(FRESH_GRACE, self.graceful_timeout)
                     self._close_idle()
                 elif now > fresh_deadline:
@@ -391,10 +404,6 @@ class Server:
                     except (ProcessLookupError, OSError):
                         pass
                 if self._finished():
-                    return
-                if now > deadline:
-                    busy = sum(1 for c in list(self.conns.values()) if c.busy)
-                    log(f"graceful timeout: exiting with {busy} request(s) unfinished")
                     return
 
     def _finished(self) -> bool:
