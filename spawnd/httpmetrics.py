@@ -19,7 +19,9 @@ Nothing here blocks: the listening socket and every connection are non-blocking,
 connection has its own buffers, at most ``max_connections`` are served at once (the
 rest wait in the kernel's backlog), and each connection has ``timeout`` seconds (a loop
 timer) for the whole exchange, so a silent or slow client costs one fd and a few bytes
-until then and never delays anyone else. After the response the connection is shut
+until then and never delays anyone else. When accept() fails for want of fds or
+memory, the server stops watching the listening socket for 0.5 s at a time (logging
+once) rather than spinning on it. After the response the connection is shut
 down for writing and the client's leftovers are read and dropped until it closes
 (a "lingering close"), so an unread byte never turns the end of the response into a
 reset.
@@ -41,6 +43,8 @@ MAX_HEAD = 8192
 RECV_SIZE = 16384
 ACCEPTS_PER_EVENT = 16
 LINGER = 2.0                # seconds a client gets to close after its response
+PAUSE = 0.5                 # seconds without accepting after EMFILE and the like
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _TEXT = "text/plain; charset=utf-8"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -60,6 +64,8 @@ class MetricsServer:
         self.sock: socket.socket | None = None
         self.connections: set[_Connection] = set()
         self._accepting = False
+        self._pause_timer = None    # set while accepting is paused (out of resources)
+        self._pause_logged = False  # one log line per episode, not per retry
 
     # ---- life cycle -------------------------------------------------------------------
     def open(self) -> None:
@@ -85,6 +91,9 @@ class MetricsServer:
         """Stop listening and drop every connection."""
         for conn in list(self.connections):
             conn.close()
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
         if self.sock is not None:
             self._accept_off()
             self.sock.close()
@@ -95,7 +104,7 @@ class MetricsServer:
 
     # ---- accepting --------------------------------------------------------------------
     def _accept_on(self) -> None:
-        if not self._accepting and self.sock is not None:
+        if not self._accepting and self.sock is not None and self._pause_timer is None:
             self.loop.add_reader(self.sock.fileno(), self._on_accept)
             self._accepting = True
 
@@ -113,11 +122,28 @@ class MetricsServer:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:          # ECONNABORTED, EMFILE...: keep serving
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning(f"metrics: accept failed: {exc.strerror}")
+            except OSError as exc:          # ECONNABORTED and the like: keep serving
+                if exc.errno in _EXHAUSTED:
+                    self._pause(exc)
                 return
+            self._pause_logged = False
             self.connections.add(_Connection(self, sock))
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of fds or memory: the connection stays in the backlog and the listening
+        socket readable (level-triggered), so stop watching it for PAUSE seconds instead
+        of spinning; log once until an accept succeeds again."""
+        if not self._pause_logged:
+            log.warning(f"metrics: accept failed ({exc.strerror}); retrying every "
+                        f"{PAUSE}s until it succeeds")
+            self._pause_logged = True
+        self._accept_off()
+        self._pause_timer = self.loop.call_later(PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._pause_timer = None
+        if len(self.connections) < self.max_connections:
+            self._accept_on()
 
     def _closed(self, conn) -> None:
         self.connections.discard(conn)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -309,3 +311,66 @@ def test_ipv6(pool):
         assert status == 200 and families(body.decode())
     finally:
         h.close()
+
+
+OUT_OF_FDS = r'''
+import os, resource, sys, time
+from spawnd.httpmetrics import MetricsServer
+from spawnd.supervisor import Loop
+
+loop = Loop()
+server = MetricsServer(loop, "127.0.0.1", 0, lambda: "up 1\n")
+server.open()
+print(server.port, flush=True)
+sys.stdin.readline()                                # a client waits in the backlog now
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+open_now = len(os.listdir("/proc/self/fd")) - 1     # listdir's own fd is gone again
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))
+cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+end = time.monotonic() + 1.0                        # a fixed window to measure CPU in
+loop.call_later(1.0, lambda: None)
+while time.monotonic() < end:
+    loop.run_once()
+cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(f"cpu {cpu:.3f}", flush=True)
+seen = False
+deadline = time.monotonic() + 10
+loop.call_later(10, lambda: None)
+while time.monotonic() < deadline and not (seen and not server.connections):
+    loop.run_once()
+    seen = seen or bool(server.connections)
+print("served" if seen else "never accepted", flush=True)
+'''
+
+
+def test_out_of_fds_pauses_accepting_instead_of_spinning(tmp_path):
+    """EMFILE from accept leaves the listening socket readable: the loop must stop
+    watching it for a while (and log once), not spin at 100% CPU logging each time."""
+    script = tmp_path / "out_of_fds.py"
+    script.write_text(OUT_OF_FDS)
+    errfile = tmp_path / "err.txt"
+    with open(errfile, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        cpu = float(proc.stdout.readline().split()[1])
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        client.close()
+        assert proc.stdout.readline().strip() == "served"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    warnings = errfile.read_text().count("metrics: accept failed")
+    assert cpu < 0.2, f"{cpu:.2f} s of CPU in 1 s while out of fds: spinning"
+    assert warnings == 1, errfile.read_text()[:2000]
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"up 1\n"), answer
