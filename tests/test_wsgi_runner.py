@@ -483,6 +483,30 @@ def test_a_busy_runner_leaves_new_connections_to_an_idle_sibling(appdir, tmp_pat
         assert a.stop() == 0 and b.stop() == 0
 
 
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+
+
+def test_a_non_blocking_listening_socket_does_not_make_it_spin(appdir, tmp_path):
+    path = str(tmp_path / "nb.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    listener.setblocking(False)         # as a careless sibling might leave it
+    with listener, Runner(appdir, "apps:hello", listener=listener) as r:
+        for _ in range(3):
+            assert b"hello" in Exchange(path, timeout=5).request(cgi_params("/"))[0]
+        t0 = _cpu_ticks(r.proc.pid)
+        time.sleep(1.0)                 # a fixed window to measure idle CPU in
+        ticks = _cpu_ticks(r.proc.pid) - t0
+        assert ticks <= 10, f"{ticks} clock ticks of CPU in 1 s while idle: spinning"
+        wait_until(lambda: "non-blocking" in r.stderr(), 5, "the warning")
+        assert b"hello" in Exchange(path, timeout=5).request(cgi_params("/"))[0]
+        assert r.stderr().count("non-blocking") == 1
+        assert r.stop() == 0
+
+
 def test_import_errors_are_clear(tmp_path):
     write_app(tmp_path, "broken", "import no_such_module_xyz\n")
     write_app(tmp_path, "noattr", "app = None\n")

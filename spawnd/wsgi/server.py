@@ -223,6 +223,7 @@ class Server:
         }
         self._exit: BaseException | None = None
         self._stop_event = threading.Event()
+        self._poller = None         # only if the listening socket is non-blocking
         self._gate = threading.Condition(threading.Lock())
         self._in_app = 0            # connections dispatched and not yet done
         self._parked = False        # the acceptor waits on _gate
@@ -321,7 +322,10 @@ class Server:
             fd = _accept4(lfd, None, None, flags)
             if fd < 0:
                 err = ctypes.get_errno()
-                if err in (errno.EINTR, errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
+                if err == errno.EAGAIN:
+                    self._wait_nonblocking(lfd)
+                    continue
+                if err in (errno.EINTR, errno.ECONNABORTED, errno.EPROTO):
                     continue
                 if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log(f"accept: {os.strerror(err)}; pausing 100ms")
@@ -331,6 +335,17 @@ class Server:
                 self.stop()
                 return
             self._adopt(fd)
+
+    def _wait_nonblocking(self, lfd: int) -> None:
+        """Someone made the shared listening socket non-blocking (spawnd never does):
+        wait for a connection with poll() instead of spinning on EAGAIN. Bounded, so a
+        stop is noticed (and a sibling may win the race: then EAGAIN again)."""
+        if self._poller is None:
+            log("fd 0 is non-blocking (O_NONBLOCK on the shared socket): waiting for "
+                "connections with poll()")
+            self._poller = select.poll()
+            self._poller.register(lfd, select.POLLIN)
+        self._poller.poll(250)
 
     def _adopt(self, fd: int) -> None:
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
