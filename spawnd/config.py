@@ -431,6 +431,10 @@ class _Context:
             return None
         stack = (*stack, id(node))
         if isinstance(node, yaml.ScalarNode):
+            if "\0" in node.value:
+                # Paths, argv and environment values cannot hold NUL: exec() would fail later.
+                self.error(f"{file}:{node.start_mark.line + 1}: {path}", "a NUL character is not allowed")
+                return None
             try:
                 return _V(loader.construct_object(node, deep=True), file, line, path)
             except yaml.YAMLError as e:

@@ -26,6 +26,7 @@ import struct
 from . import listen as listenmod
 from .log import log
 
+SO_PEERGROUPS = 59
 MAX_REQUEST = 65536
 MAX_PENDING_OUTPUT = 16 * 1024 * 1024
 MAX_CLIENTS = 64
@@ -126,7 +127,8 @@ class AdminConnection:
         self.closing = False            # close once the output is flushed
         self.follow = None              # cancel function of a `logs -f` subscription
         self.fd = sock.fileno()
-        self.loop.add_reader(self.fd, self._on_event)
+        self.events = 0
+        self._watch(1)
 
     # ---- I/O --------------------------------------------------------------------------
     def _on_event(self, mask=1) -> None:
@@ -144,6 +146,8 @@ class AdminConnection:
                 return
             self.inbuf += data
             self._process()
+            if self.fd >= 0 and self.busy and len(self.inbuf) > MAX_REQUEST:
+                self._flush()           # stop reading until the command in progress replies
 
     def _process(self) -> None:
         while not self.busy and not self.closing:
@@ -182,11 +186,27 @@ class AdminConnection:
                 self.close()
                 return
             del self.outbuf[:n]
-        want = 1 | (2 if self.outbuf else 0)
         if self.closing and not self.outbuf:
             self.close()
             return
-        self.loop.selector.modify(self.fd, want, self._on_event)
+        # Read only while input can be used: a closing connection, or a busy one that
+        # already holds a whole request's worth of unread input, is not read (a level-
+        # triggered read event it ignores would spin the loop; reading on would grow memory).
+        reading = not self.closing and not (self.busy and len(self.inbuf) > MAX_REQUEST)
+        self._watch((1 if reading else 0) | (2 if self.outbuf else 0))
+
+    def _watch(self, events: int) -> None:
+        """Register for exactly these selector events (0: none)."""
+        if events == self.events:
+            return
+        sel = self.loop.selector
+        if not events:
+            sel.unregister(self.fd)
+        elif not self.events:
+            sel.register(self.fd, events, self._on_event)
+        else:
+            sel.modify(self.fd, events, self._on_event)
+        self.events = events
 
     def close(self) -> None:
         if self.fd < 0:
@@ -208,7 +228,7 @@ class AdminConnection:
             cmd, args = req["cmd"], req.get("args") or {}
             if not isinstance(args, dict):
                 raise ValueError('"args" must be an object')
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:     # RecursionError: '[' * 60000
             self.send({"ok": False, "error": f"bad request: {e}"})
             return
         if not self.authorized(cmd):
@@ -244,13 +264,17 @@ class AdminConnection:
         return cmd in READ_ONLY and group is not None and self._in_group(group)
 
     def _in_group(self, gid: int) -> bool:
+        """The peer's groups as the kernel recorded them at connect() (SO_PEERGROUPS, so
+        a pid reused since cannot lie)."""
         if self.gid == gid:
             return True
         try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("Groups:"):
-                        return str(gid) in line.split()[1:]
-        except OSError:
-            pass
-        return False
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # Python's max
+        except OSError:             # ERANGE: more than 256 groups; ask /proc instead
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    line = next(l for l in f if l.startswith("Groups:"))
+                return str(gid) in line.split()[1:]
+            except (OSError, StopIteration):
+                return False
+        return gid in struct.unpack(f"{len(raw) // 4}I", raw)

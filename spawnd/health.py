@@ -39,11 +39,7 @@ def _thread_syscalls(pid: int):
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return iter(())
-    return _thread_syscalls_of(pid, tids)
-
-
-def _thread_syscalls_of(pid: int, tids):
+        return
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/syscall") as f:
@@ -59,11 +55,6 @@ def _thread_syscalls_of(pid: int, tids):
 def is_accept(number: int, arg0: int | None) -> bool:
     """True for accept()/accept4() on fd 0."""
     return _NUMBERS is not None and number in _NUMBERS["accept"] and arg0 == 0
-
-
-def current_syscall(pid: int) -> tuple[int, int | None]:
-    """(number, first argument) of the call pid's main thread is in; -1 when running."""
-    return next(iter(_thread_syscalls_of(pid, [str(pid)])), (-1, None))
 
 
 def sole_acceptor(pid: int, pgid: int) -> bool:
@@ -148,8 +139,10 @@ class Snapshot:
     def __init__(self) -> None:
         self.usage: dict[int, tuple[float, int]] = {}
         self.kids: dict[int, list[int]] = {}
+        self.groups: dict[int, list[int]] = {}      # pgid -> pids
         for pid, fields in all_stats():
             self.kids.setdefault(int(fields[1]), []).append(pid)
+            self.groups.setdefault(int(fields[2]), []).append(pid)
             self.usage[pid] = ((int(fields[11]) + int(fields[12])) / _TICKS,
                                int(fields[21]) * _PAGE)
 

@@ -36,13 +36,22 @@ class Bound:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def still_ours(self) -> bool:
+        """True when the socket has no file, or its file is still the one we created."""
+        if self.path is None or self.inode is None:
+            return True
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.inode
+
     def close(self) -> None:
         """Close the socket; remove its file if it is still the one we created."""
-        if self.path is not None and self.inode is not None and not self.keep_file:
+        if self.path is not None and self.inode is not None and not self.keep_file \
+                and self.still_ours():
             try:
-                st = os.lstat(self.path)
-                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.inode:
-                    os.unlink(self.path)
+                os.unlink(self.path)
             except OSError:
                 pass
         self.sock.close()
@@ -151,8 +160,11 @@ def clear_stale(path: str, what: str) -> None:
                 "a regular file" if stat.S_ISREG(st.st_mode) else "not a socket")
         raise ListenError(f"{path} exists and is {kind}; refusing to remove it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)    # a live server with a full backlog must not block spawnd
     try:
         probe.connect(path)
+    except BlockingIOError:
+        pass                    # EAGAIN: alive, its queue is full -> "in use" below
     except ConnectionRefusedError:
         _unlink_quietly(path)   # stale: nobody listens there any more
         return

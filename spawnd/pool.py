@@ -8,14 +8,15 @@ reload learn that they are complete. Every state change has a named cause.
 
 Restart rules
 - restart: always | on-failure | never decides whether an exited child is replaced.
-- A failure is an exit with a non-zero status or by a signal spawnd did not send, or a
-  command that cannot be started. A failure of a child that ran less than
+- A failure is an exit with a non-zero status or by a signal (also one sent with
+  `spawnctl signal`) of a child spawnd was not retiring, or a command that cannot be started. A failure of a child that ran less than
   backoff.reset_after extends the pool's failure streak; the replacement then waits
   backoff.initial * 2**(streak-1), capped at backoff.max. A child that ran at least
   reset_after before failing resets the streak, so it is replaced at once.
 - A clean exit (status 0: php-cgi after PHP_FCGI_MAX_REQUESTS, a runner's --max-requests)
-  is a recycle, replaced at once; but a slot is never restarted sooner than ready_after after
-  its previous start, so a program that exits 0 at once cannot spin the CPU.
+  is a recycle, replaced at once; but a slot is never restarted sooner than
+  max(ready_after, backoff.initial) after its previous start, so a program that exits 0 at
+  once cannot spin the CPU.
 - A child counts as started ("running") once it has been alive ready_after.
 
 Retiring a child (stop, scale down, rolling restart, shutdown)
@@ -148,6 +149,8 @@ class Pool:
     def start(self) -> None:
         self.wanted = True
         self.streak = 0
+        # restart: never / on-failure lower `desired` as children end; start restores it.
+        self.desired = max(self.desired, self.config.processes.min)
         self.manage()
         self._start_monitoring()
         self._changed()
@@ -243,7 +246,7 @@ class Pool:
     def _spawn_one(self) -> bool:
         try:
             ch = childmod.spawn(self.config, self.bound.fileno())
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
             self.last_error = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             log.error(f"{self.name}: cannot start {self.config.command[0]}: {self.last_error}")
             self._failed()
@@ -274,7 +277,8 @@ class Pool:
         """Extend the failure streak and schedule the next attempt."""
         self.streak += 1
         b = self.config.backoff
-        delay = min(b.initial * (2 ** (self.streak - 1)), b.max)
+        # Past 2**60 the product would only overflow: the cap has long been reached.
+        delay = b.max if self.streak > 60 else min(b.initial * (2 ** (self.streak - 1)), b.max)
         self._cancel_retry()
         self.retry_at = time.monotonic() + delay
         self._retry_timer = self.loop.call_later(delay, self._retry)
@@ -288,6 +292,8 @@ class Pool:
         self.retry_at = None
         self._retry_timer = None
         self.manage()
+        if any(c.generation < self.generation for c in self.children.values()):
+            self.rolling = True         # a restart the failure interrupted goes on
         self._changed()
 
     def _cancel_retry(self) -> None:
@@ -439,8 +445,9 @@ class Pool:
             log.info(f"{self.name}: {waiting} connection(s) waiting; scaling up to {self.desired}")
             self.manage()
         elif not waiting and self.desired > procs.min and now - self._scaled_up_at >= procs.idle_after:
+            groups = health.Snapshot().groups
             for ch in live:
-                idle = ch.state == "running" and health.group_idle(health.group_pids(ch.pgid))
+                idle = ch.state == "running" and health.group_idle(groups.get(ch.pgid, ()))
                 if not idle:
                     ch.idle_since = None
                 elif ch.idle_since is None:
@@ -500,7 +507,8 @@ class Pool:
             self.streak = 0
         if self.retry_at is not None:
             return
-        wait = ch.started + self.config.ready_after - time.monotonic()
+        gap = max(self.config.ready_after, self.config.backoff.initial)
+        wait = ch.started + gap - time.monotonic()
         if wait > 0 and not failed:
             self._pending_slots += 1
             self.loop.call_later(wait, self._slot_free)
@@ -561,7 +569,11 @@ class Pool:
                 entry = ptrace.syscall_entry(pid)
                 waiting = entry is not None and health.is_accept(*entry)
             elif ptrace.is_event_stop(status):
-                waiting = health.is_accept(*health.current_syscall(pid))
+                # Never decide here: /proc/PID/syscall still names accept() when the call
+                # has just returned a connection (seen under load: a reset per ~30
+                # retirements). Resume; an idle child's interrupted accept() restarts and
+                # stops at its entry at once, which is conclusive.
+                waiting = False
             else:                       # a signal on its way to the child: deliver it
                 ptrace.resume(pid, os.WSTOPSIG(status))
                 return True

@@ -17,7 +17,9 @@ PTRACE_SYSCALL = 24
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_DETACH = 17
 PTRACE_O_TRACESYSGOOD = 1
+PTRACE_O_EXITKILL = 0x100000      # if spawnd dies, the child it was retiring dies too
 PTRACE_EVENT_STOP = 128
 SYSCALL_STOP = signal.SIGTRAP | 0x80
 INFO_ENTRY = 1
@@ -39,13 +41,21 @@ def _call(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
 def seize_and_interrupt(pid: int) -> None:
     """Attach to pid (no stop yet) and ask it to stop; the stop arrives through waitpid
     as a PTRACE_EVENT_STOP. Raises OSError when tracing is not allowed."""
-    _call(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACESYSGOOD)
+    _call(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL)
     _call(PTRACE_INTERRUPT, pid)
 
 
 def resume(pid: int, sig: int = 0) -> None:
     """Continue until the next system call entry or exit (delivering sig, if any)."""
     _call(PTRACE_SYSCALL, pid, 0, sig)
+
+
+def detach(pid: int) -> None:
+    """Let a stopped tracee go (one no pool claims any more)."""
+    try:
+        _call(PTRACE_DETACH, pid)
+    except OSError:
+        pass
 
 
 def syscall_entry(pid: int) -> tuple[int, int] | None:

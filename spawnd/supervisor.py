@@ -19,15 +19,17 @@ import selectors
 import signal
 import socket
 import time
+import traceback
 
 from . import config as configmod
-from . import health, listen, systemd
+from . import health, listen, ptrace, systemd
 from .control import AdminServer, CommandError
 from .log import log
 from .metrics import exposition
 from .pool import BACKOFF, STOPPED, Pool
 
 PR_SET_CHILD_SUBREAPER = 36
+MAX_SCALE = 10000           # spawnctl scale: a typo must not fork a million children
 READ_CHUNK = 65536          # per readiness event and pipe: a flooding child cannot hog the loop
 MAX_LINE = 16384            # longer lines are cut; memory per pipe stays bounded
 
@@ -40,6 +42,7 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.fn = self.args = None      # do not keep a child alive until the due time
 
 
 class Loop:
@@ -227,8 +230,16 @@ class Supervisor:
             interval = self.notify.watchdog_interval()
             if interval:
                 self.loop.call_later(interval, self._watchdog, interval)
-        while self.exit_code is None:
-            self.loop.run_once()
+        try:
+            while self.exit_code is None:
+                self.loop.run_once()
+        except BaseException:
+            # A bug must not leave children running on their sockets without a supervisor
+            # (the next start would find the sockets "in use"): end them all, then fail.
+            log.error("internal error, stopping every child:\n" + traceback.format_exc())
+            self._kill_everything()
+            self._reap_all(5.0)
+            self.exit_code = 70
         self._kill_orphans()
         if self.admin is not None:
             self.admin.close()
@@ -329,9 +340,8 @@ class Supervisor:
             if pid == 0:
                 break
             if os.WIFSTOPPED(status):       # a child being retired under ptrace
-                for pool in self.pools.values():
-                    if pool.child_trace_stop(pid, status):
-                        break
+                if not any(pool.child_trace_stop(pid, status) for pool in self.pools.values()):
+                    ptrace.detach(pid)      # nobody's any more: never leave it stopped
                 continue
             for pool in self.pools.values():
                 if pool.child_exited(pid, status):
@@ -348,6 +358,9 @@ class Supervisor:
         log.info("SIGUSR2 ignored (spawnctl signal POOL USR2 sends it to a pool's children)")
 
     def handle_sighup(self) -> None:
+        if self.shutting_down:
+            log.info("SIGHUP ignored: shutting down")
+            return
         def done(result=None, error=None):
             if error:
                 log.error(f"reload failed, nothing changed: {error}")
@@ -384,7 +397,17 @@ class Supervisor:
 
     def _kill_everything(self) -> None:
         for pool in self.pools.values():
+            pool.wanted = False             # nothing restarts what is being killed
             pool.kill_all()
+
+    def _reap_all(self, timeout: float) -> None:
+        """Wait (bounded) until every process group of every pool has gone."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
 
     def _kill_orphans(self) -> None:
         """Processes that left their group (setsid) and outlived their parent became our
@@ -461,6 +484,8 @@ class Supervisor:
         n = args.get("processes")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise CommandError("scale needs a number of processes >= 0")
+        if n > MAX_SCALE:
+            raise CommandError(f"scale: at most {MAX_SCALE} processes per pool")
         pool.scale(n)
         pool.when(lambda p: p.settled() or p.state == BACKOFF or not p.wanted,
                   lambda p: reply({"pool": p.name, "state": p.state, "desired": p.desired,
@@ -535,6 +560,12 @@ class Supervisor:
                 bound[name] = listen.bind(pc.listen, pc.socket, (pc.uid, pc.gid))
             except listen.ListenError as e:
                 errors.append(f"{pc.where.get('listen', name)}: {e}")
+        for name in kept:                   # new permissions for a socket that stays
+            pc, b = new_pools[name], old_pools[name].bound
+            if name not in rebind and pc.socket != old_pools[name].config.socket \
+                    and not b.still_ours():
+                errors.append(f"{pc.where.get('socket', name)}: {b.address}: the socket file "
+                              "is gone or was replaced; cannot apply new socket settings")
         if errors:
             for b in bound.values():
                 b.close()
@@ -600,7 +631,10 @@ class Supervisor:
                     b.close()
                 pool.retired_bounds = []
         elif new.socket != old.socket:
-            listen.update(pool.bound, new.socket, (new.uid, new.gid))
+            try:
+                listen.update(pool.bound, new.socket, (new.uid, new.gid))
+            except listen.ListenError as e:     # checked before; a race at worst
+                log.error(f"{pool.name}: {e}")
         scaled = new.processes != old.processes
         if scaled:
             pool.desired = new.processes.min
