@@ -578,7 +578,7 @@ class Pool:
                 ptrace.resume(pid, os.WSTOPSIG(status))
                 return True
             if waiting:
-                log.debug(f"{self.name}: child {pid} is between requests; killing it")
+                log.info(f"{self.name}: child {pid} retired between two requests")
                 _killpg(ch.pgid, signal.SIGKILL)
             else:
                 ptrace.resume(pid)

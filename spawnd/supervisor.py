@@ -664,6 +664,8 @@ def _keep_admin(old, new):
     if (old.admin_socket, old.admin_mode, old.admin_group) != \
             (new.admin_socket, new.admin_mode, new.admin_group):
         log.warning("admin socket settings changed: they take effect at the next restart")
+    if old.metrics_listen != new.metrics_listen:
+        log.warning("metrics_listen changed: it takes effect at the next restart")
     return dataclasses.replace(new, admin_socket=old.admin_socket, admin_mode=old.admin_mode,
                                admin_group=old.admin_group)
 

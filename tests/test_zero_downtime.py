@@ -91,6 +91,8 @@ def test_restart_scale_reload_under_load_lose_nothing(tmp_path, pub):
         assert result.ok > 50, result
         assert not result.failed and not result.errors, result
         assert "upstream prematurely closed" not in ngx.error_log()
+        # Saturated (8 clients, 3 children): the children were caught at accept() by ptrace.
+        assert d.count(r"cgi: child \d+ retired between two requests") >= 5, d.output()
         assert d.stop() == 0
 
 
