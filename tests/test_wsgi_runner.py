@@ -135,6 +135,36 @@ def test_idle_keepalive_connections_do_not_starve_new_requests(appdir, threads):
         assert r.stop() == 0
 
 
+def test_a_peer_flooding_get_values_without_reading_stalls_nobody(appdir):
+    """The replies are sent without blocking; past 64 KiB unread the peer is cut off."""
+    with Runner(appdir, "apps:hello") as r:
+        flood = connect(r.path, timeout=20)
+        batch = ClientConnection().get_values([b"FCGI_MAX_CONNS", b"FCGI_MAX_REQS",
+                                               b"FCGI_MPXS_CONNS"]) * 1000
+        state = {"sent": 0, "error": None}
+
+        def flooder():
+            try:
+                for _ in range(2000):               # up to ~100 MiB, never reading
+                    flood.sendall(batch)
+                    state["sent"] += len(batch)
+            except OSError as exc:
+                state["error"] = exc
+        t = threading.Thread(target=flooder, daemon=True)
+        t.start()
+        wait_until(lambda: state["sent"] >= 4 * len(batch) or state["error"], 10,
+                   "the flood to be under way")
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert b"hello" in Exchange(r.path, timeout=5).request(cgi_params("/"))[0]
+            assert time.monotonic() - t0 < 1.0
+        t.join(15)
+        assert isinstance(state["error"], (BrokenPipeError, ConnectionResetError)), state
+        flood.close()
+        assert "replies unread" in r.stderr()
+        assert r.stop() == 0
+
+
 def test_large_upload_and_download_through_the_protocol(appdir):
     body = os.urandom(3 << 20)
     with Runner(appdir, "apps:echo") as r:

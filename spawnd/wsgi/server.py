@@ -51,6 +51,7 @@ from spawnd.wsgi.stream import InputStream
 RECV_SIZE = 1 << 18
 DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
 DRAIN_TIME = 2.0            # seconds a draining connection may take
+PENDING_LIMIT = 1 << 16     # unsent automatic replies before a connection is closed
 FRESH_GRACE = 1.0           # at stop, seconds a new connection has to send its request
 
 KICK_DELAY = 0.005          # a request in the app this long makes a full runner stop accepting
@@ -130,11 +131,15 @@ def normalise_ip(text: str):
 
 
 # ---- one connection ------------------------------------------------------------------
+class RepliesUnread(OSError):
+    """The peer keeps sending management records without reading the replies."""
+
+
 class Conn:
     __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
-                 "draining", "deadline", "drained", "eof")
+                 "draining", "deadline", "drained", "eof", "pending", "mask")
 
-    def __init__(self, sock: socket.socket, proto: ServerConnection) -> None:
+    def __init__(self, sock: socket.socket, proto: ServerConnection, mask: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.proto = proto
@@ -147,16 +152,32 @@ class Conn:
         self.deadline = 0.0
         self.drained = 0
         self.eof = False
+        self.pending = b""          # automatic replies the peer has not taken yet
+        self.mask = mask            # the connection's epoll registration
 
     def feed(self, data: bytes) -> None:
-        """Protocol input; automatic replies (GET_VALUES, refusals) are sent at once.
-        ProtocolError and OSError propagate."""
+        """Protocol input; automatic replies (GET_VALUES, refusals) are sent without
+        blocking (see ``send_replies``). ProtocolError and OSError propagate."""
         if not data:
             self.eof = True
         self.events.extend(self.proto.receive_data(data))
         out = self.proto.data_to_send()
-        if out:
-            self.sock.sendall(out)
+        if out or self.pending:
+            self.send_replies(out)
+
+    def send_replies(self, out: bytes = b"") -> None:
+        """Send automatic replies without blocking: a peer that floods GET_VALUES and
+        never reads must not stall the thread (the loop serves everybody). What the
+        socket does not take waits in ``pending`` (written when the socket is writable,
+        or before the next response); past PENDING_LIMIT the peer is cut off."""
+        data = self.pending + out if self.pending else out
+        try:
+            n = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        self.pending = data[n:]
+        if len(self.pending) > PENDING_LIMIT:
+            raise RepliesUnread(f"{len(self.pending)} bytes of replies unread")
 
 
 class FcgiSink:
@@ -179,6 +200,8 @@ class FcgiSink:
         if end:
             out += proto.end_request(self.rid, status)
             self.ended = True
+        if conn.pending:            # automatic replies the peer has not taken yet
+            out, conn.pending = conn.pending + out, b""
         try:
             conn.sock.sendall(out)
         except OSError as exc:
@@ -356,7 +379,8 @@ class Server:
                 if self._tcp:   # a response's records in several writes: no Nagle delay
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
-                                                   max_reqs=1, mpxs_conns=False))
+                                                   max_reqs=1, mpxs_conns=False),
+                            self._arm)
                 self.conns[fd] = conn
                 self.epoll.register(fd, self._arm)
                 return
@@ -389,7 +413,7 @@ class Server:
                 timeout = max(0.0, first - now)
             if self.stopping:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
-            for fd, _mask in self.epoll.poll(timeout):
+            for fd, mask in self.epoll.poll(timeout):
                 if fd == self._wake_r:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -399,6 +423,12 @@ class Server:
                     continue
                 conn = self.conns.get(fd)
                 if conn is not None and not conn.busy:
+                    if mask & select.EPOLLOUT and conn.pending:
+                        try:
+                            conn.send_replies()
+                        except OSError:
+                            self._close(conn)
+                            continue
                     self._on_readable(conn)
             if self._draining:
                 self._expire_drains()
@@ -454,6 +484,9 @@ class Server:
         except ProtocolError as exc:
             log(f"closing connection: FastCGI protocol error: {exc}")
             return self._close(conn, graceful=True)
+        except RepliesUnread as exc:
+            log(f"closing connection: {exc}")
+            return self._close(conn)
         except OSError:
             return self._close(conn)
         if conn.events and type(conn.events[0]) is Request:
@@ -481,11 +514,8 @@ class Server:
             self._run(conn)
 
     def _rearm(self, conn: Conn) -> None:
-        if self._arm & select.EPOLLONESHOT:
-            try:
-                self.epoll.modify(conn.fd, self._arm)
-            except OSError:
-                self._close(conn)
+        if not self._rearm_any(conn):
+            self._close(conn)
 
     def _close(self, conn: Conn, graceful: bool = False) -> None:
         """Forget and close; ``graceful``: shut down our side and let the loop read
@@ -515,11 +545,17 @@ class Server:
         if self.stopping and threading.current_thread() is not threading.main_thread():
             self._wake()
 
-    def _rearm_any(self, conn: Conn) -> None:
-        try:
-            self.epoll.modify(conn.fd, self._arm)
-        except OSError:
-            pass
+    def _rearm_any(self, conn: Conn) -> bool:
+        """Watch the connection again (EPOLLOUT too while replies wait); no system call
+        when the level-triggered registration (--threads 1) is already right."""
+        want = self._arm | select.EPOLLOUT if conn.pending else self._arm
+        if want != conn.mask or want & select.EPOLLONESHOT:
+            try:
+                self.epoll.modify(conn.fd, want)
+            except OSError:
+                return False
+            conn.mask = want
+        return True
 
     def _drain(self, conn: Conn) -> None:
         try:
