@@ -80,6 +80,7 @@ class Pool:
         self.loop = loop
         self.desired = config.processes.min
         self.wanted = False             # start() sets, stop() clears
+        self.removing = False           # removed by a reload, stopping before it is forgotten
         self.children: dict[int, childmod.Child] = {}
         self.lingering: dict[int, object] = {}   # pgid -> SIGKILL timer, groups outliving their leader
         self.streak = 0                 # consecutive quick failures

@@ -549,8 +549,13 @@ class Supervisor:
             reply(error=f"cannot read {self.config_path}: {e.strerror}")
             return
         old_pools, new_pools = self.pools, new.pools
+        stopping = [n for n in new_pools if n in old_pools and old_pools[n].removing]
+        if stopping:
+            reply(error=f"pool(s) {', '.join(stopping)} removed by the previous reload are still "
+                        "stopping; reload again once they are gone (spawnctl status)")
+            return
         added = [n for n in new_pools if n not in old_pools]
-        removed = [n for n in old_pools if n not in new_pools]
+        removed = [n for n in old_pools if n not in new_pools and not old_pools[n].removing]
         kept = [n for n in new_pools if n in old_pools]
         rebind = [n for n in kept if new_pools[n].listen != old_pools[n].config.listen]
         bound, errors = {}, []
@@ -586,6 +591,7 @@ class Supervisor:
         waiting = []
         for name in removed:
             pool = self.pools[name]
+            pool.removing = True
             pool.stop()
             waiting.append(pool)
             pool.when(lambda p: p.state == STOPPED, self._forget_pool)

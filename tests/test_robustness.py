@@ -210,3 +210,39 @@ pools:
         for c in clients:
             c.close()
         server.close()
+
+
+def test_readding_a_pool_that_is_still_stopping_is_refused(tmp_path, pub):
+    stubborn = pub / "stubborn.sh"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 0.05; done\n")
+    stubborn.chmod(0o755)
+    slow = f"""\
+  slow:
+    command: [{stubborn}]
+    listen: unix:{pub}/slow.sock
+    user: nobody
+    stop: {{timeout: 2s}}
+"""
+    base = _cgi(pub)
+    with Spawnd(tmp_path, base + slow) as d:
+        d.start()
+        [pid] = d.wait_children("slow", 1)
+        d.wait_line(f"slow[{pid}]: armed")
+        with open(d.config_path, "w") as f:
+            f.write(base)                       # reload 1 removes 'slow' (takes ~1-2 s)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(d.admin_socket)
+        c.sendall(b'{"cmd": "reload"}\n')
+        wait_for(lambda: status(d, "slow")["pools"][0]["state"] == "stopping",
+                 what="slow being removed")
+        with open(d.config_path, "w") as f:
+            f.write(base + slow)                # reload 2 (SIGHUP) brings it back
+        d.signal(signal.SIGHUP)
+        d.wait_line("still stopping; reload again once they are gone")
+        c.settimeout(15)
+        assert json.loads(c.makefile("rb").readline())["result"]["removed"] == ["slow"]
+        c.close()
+        ctl(d, "reload", check=0)               # now it is gone: adding it works
+        assert len(d.wait_children("slow", 1, exclude=[pid])) == 1
+        assert (pub / "slow.sock").exists()     # bound afresh by the re-added pool
+        assert d.stop() == 0
