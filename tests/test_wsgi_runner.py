@@ -4,14 +4,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
 
 import pytest
 
-from spawnd.fastcgi.protocol import (BEGIN_REQUEST, ClientConnection, EndRequest,
-                                     GetValuesResult, Stdout, encode_record)
+from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, PARAMS,
+                                     STDIN, UNKNOWN_ROLE, ClientConnection, EndRequest,
+                                     GetValuesResult, Stdout, encode_pairs, encode_record)
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
 
@@ -163,6 +165,59 @@ def test_a_peer_flooding_get_values_without_reading_stalls_nobody(appdir):
         flood.close()
         assert "replies unread" in r.stderr()
         assert r.stop() == 0
+
+
+def _records(data: bytes) -> list:
+    """(type, content) of the complete records in data."""
+    out, i = [], 0
+    while len(data) - i >= 8:
+        _v, rtype, _rid, clen, plen = struct.unpack_from(">BBHHBx", data, i)
+        if len(data) - i < 8 + clen + plen:
+            break
+        out.append((rtype, data[i + 8:i + 8 + clen]))
+        i += 8 + clen + plen
+    return out
+
+
+def _record_types(data: bytes) -> list:
+    return [rtype for rtype, _ in _records(data)]
+
+
+def _begin(role: int, keep_conn: bool) -> bytes:
+    return encode_record(BEGIN_REQUEST, 1, struct.pack(">HB5x", role, int(keep_conn)))
+
+
+@pytest.mark.parametrize("case", ["unknown_role", "abort_in_params"])
+@pytest.mark.parametrize("keep_conn", [False, True])
+def test_refused_request_without_keep_conn_closes_the_connection(appdir, case, keep_conn):
+    with Runner(appdir, "apps:hello") as r:
+        s = connect(r.path, timeout=3)
+        params = encode_record(PARAMS, 1, encode_pairs(cgi_params("/")))
+        if case == "unknown_role":      # FILTER: UNKNOWN_ROLE, and its input is discarded
+            s.sendall(_begin(3, keep_conn) + params + encode_record(PARAMS, 1)
+                      + encode_record(STDIN, 1))
+            expected = UNKNOWN_ROLE
+        else:                           # aborted before its PARAMS ended
+            s.sendall(_begin(1, keep_conn) + params + encode_record(ABORT_REQUEST, 1))
+            expected = 0
+        data, closed = b"", False
+        try:
+            while END_REQUEST not in _record_types(data) or not keep_conn:
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+        ends = [body for rtype, body in _records(data) if rtype == END_REQUEST]
+        assert len(ends) == 1 and ends[0][4] == expected, data
+        assert closed != keep_conn, f"closed={closed} with keep_conn={keep_conn}"
+        if keep_conn:       # the connection is still usable
+            ex = Exchange.__new__(Exchange)
+            ex.sock, ex.conn = s, ClientConnection()
+            assert b"hello" in ex.request(cgi_params("/"), rid=2)[0]
+        s.close()
 
 
 def test_large_upload_and_download_through_the_protocol(appdir):

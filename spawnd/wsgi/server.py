@@ -493,6 +493,10 @@ class Server:
             return self._dispatch(conn)
         if conn.eof:
             return self._close(conn)
+        if not conn.proto.keep_conn and not conn.proto.active_requests:
+            # A request refused or aborted before it began, without FCGI_KEEP_CONN:
+            # its END_REQUEST ends the connection too.
+            return self._close(conn, graceful=True)
         self._rearm(conn)
 
     def _dispatch(self, conn: Conn) -> None:
