@@ -12,7 +12,7 @@ import time
 import pytest
 
 from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, PARAMS,
-                                     STDIN, UNKNOWN_ROLE, ClientConnection, EndRequest,
+                                     STDIN, STDOUT, UNKNOWN_ROLE, ClientConnection, EndRequest,
                                      GetValuesResult, Stdout, encode_pairs, encode_record)
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
@@ -80,6 +80,10 @@ def two_chunks(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     yield b"first "
     yield b"second"
+
+def role(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ.get("FCGI_ROLE", "unset").encode()]
 
 def router(environ, start_response):
     name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
@@ -218,6 +222,19 @@ def test_refused_request_without_keep_conn_closes_the_connection(appdir, case, k
             ex.sock, ex.conn = s, ClientConnection()
             assert b"hello" in ex.request(cgi_params("/"), rid=2)[0]
         s.close()
+
+
+@pytest.mark.parametrize("role,name", [(1, b"RESPONDER"), (2, b"AUTHORIZER")])
+def test_the_application_sees_the_fastcgi_role(appdir, role, name):
+    with Runner(appdir, "apps:router") as r:
+        ex = Exchange(r.path)
+        ex.sock.sendall(_begin(role, False) + encode_record(PARAMS, 1, encode_pairs(
+            cgi_params("/role"))) + encode_record(PARAMS, 1) + encode_record(STDIN, 1))
+        data = b""
+        while chunk := ex.sock.recv(65536):
+            data += chunk
+        out = b"".join(body for rtype, body in _records(data) if rtype == STDOUT)
+        assert split_cgi(out)[2] == name, data
 
 
 def test_large_upload_and_download_through_the_protocol(appdir):

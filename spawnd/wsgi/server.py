@@ -42,8 +42,8 @@ import threading
 import time
 import traceback
 
-from spawnd.fastcgi.protocol import (AbortRequest, ProtocolError, Request, ServerConnection,
-                                     StdinData, StdinEnd)
+from spawnd.fastcgi.protocol import (AUTHORIZER, RESPONDER, AbortRequest, ProtocolError,
+                                     Request, ServerConnection, StdinData, StdinEnd)
 from spawnd.wsgi.environ import NotMounted, build_environ
 from spawnd.wsgi.response import NOT_FOUND, FileWrapper, PeerGone, run_app
 from spawnd.wsgi.stream import InputStream
@@ -51,6 +51,7 @@ from spawnd.wsgi.stream import InputStream
 RECV_SIZE = 1 << 18
 DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
 DRAIN_TIME = 2.0            # seconds a draining connection may take
+ROLE_NAMES = {RESPONDER: "RESPONDER", AUTHORIZER: "AUTHORIZER"}   # the roles served
 PENDING_LIMIT = 1 << 16     # unsent automatic replies before a connection is closed
 FRESH_GRACE = 1.0           # at stop, seconds a new connection has to send its request
 
@@ -379,7 +380,8 @@ class Server:
                 if self._tcp:   # a response's records in several writes: no Nagle delay
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
-                                                   max_reqs=1, mpxs_conns=False),
+                                                   max_reqs=1, mpxs_conns=False,
+                                                   roles=tuple(ROLE_NAMES)),
                             self._arm)
                 self.conns[fd] = conn
                 self.epoll.register(fd, self._arm)
@@ -655,6 +657,7 @@ class Server:
                 return False, False
             return True, self._stdin_ended(conn)
         environ.update(self._environ_base)
+        environ["FCGI_ROLE"] = ROLE_NAMES[req.role]
         environ["wsgi.input"] = stream
         run_app(self.app, environ, sink)
         if not sink.ended and not conn.eof and not conn.closed:
