@@ -237,6 +237,35 @@ def test_the_application_sees_the_fastcgi_role(appdir, role, name):
         assert split_cgi(out)[2] == name, data
 
 
+def test_the_applications_default_socket_timeout_does_not_apply_to_connections(appdir):
+    """socket.setdefaulttimeout(0) would make accepted sockets non-blocking: the body
+    read would fail at once instead of waiting for the web server."""
+    write_app(appdir, "timeout_app", """
+        import socket
+        from apps import echo as application
+        socket.setdefaulttimeout(0.0)
+    """)
+    with Runner(appdir, "timeout_app") as r:
+        ex = Exchange(r.path)
+        c = ex.conn
+        ex.sock.sendall(c.begin_request(1, params=cgi_params("/", "POST", body=b"abc")))
+        ex.sock.setblocking(False)
+
+        def waiting_or_answered():
+            with open(f"/proc/{r.proc.pid}/syscall") as f:
+                if f.read().split()[0] == "45":     # recvfrom: reading the body
+                    return "reading"
+            try:
+                return "answered" if ex.sock.recv(1, socket.MSG_PEEK) is not None else ""
+            except BlockingIOError:
+                return ""
+        wait_until(waiting_or_answered, 5, "the application to read the body")
+        ex.sock.settimeout(5)
+        ex.sock.sendall(c.send_stdin(1, b"abc") + c.send_stdin(1, b""))
+        out, _, end = ex.response()
+        assert split_cgi(out)[2] == b"abc", (out, r.stderr())
+
+
 def test_large_upload_and_download_through_the_protocol(appdir):
     body = os.urandom(3 << 20)
     with Runner(appdir, "apps:echo") as r:

@@ -373,6 +373,8 @@ class Server:
 
     def _adopt(self, fd: int) -> None:
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
+        if socket.getdefaulttimeout() is not None:
+            sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
         try:
             if self._allowed(sock):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
