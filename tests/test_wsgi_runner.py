@@ -658,3 +658,53 @@ def test_no_socket_and_no_cgi_is_a_usage_error(tmp_path):
                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        timeout=20, env=env)
     assert p.returncode == 2 and "not a listening socket" in p.stderr
+
+
+def _run_bind(tmp_path, address: str, *extra):
+    return subprocess.run([os.sys.executable, "-m", "spawnd.wsgi.main", "--chdir",
+                           str(tmp_path), "--bind", address, *extra, "apps:hello"],
+                          capture_output=True, text=True, timeout=20)
+
+
+def test_bind_refuses_what_is_not_a_stale_socket(appdir, tmp_path):
+    """Through a symlink, at a live socket, at a regular file, or a bad address: exit 2
+    and nothing is removed. (The stale check is spawnd.listen's, as for pools.)"""
+    target = tmp_path / "target.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(target))
+    stale.close()                               # a stale socket file, nobody listening
+    link = tmp_path / "link.sock"
+    link.symlink_to(target)
+    p = _run_bind(appdir, f"unix:{link}")
+    assert p.returncode == 2 and "symbolic link" in p.stderr, p.stderr
+    assert link.is_symlink() and target.exists()
+    regular = tmp_path / "data.txt"
+    regular.write_text("keep me")
+    p = _run_bind(appdir, f"unix:{regular}")
+    assert p.returncode == 2 and "regular file" in p.stderr and regular.read_text() == "keep me"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen(1)
+    with live:
+        p = _run_bind(appdir, f"unix:{tmp_path / 'live.sock'}")
+    assert p.returncode == 2 and "in use" in p.stderr, p.stderr
+    for bad in ("tcp:127.0.0.1", "tcp:::1:9000", "udp:x", "systemd:app"):
+        p = _run_bind(appdir, bad)
+        assert p.returncode == 2 and "--bind" in p.stderr, (bad, p.stderr)
+    p = _run_bind(appdir, f"unix:{tmp_path / 'ok.sock'}", "--graceful-timeout", "soon")
+    assert p.returncode == 2 and "bad duration" in p.stderr, p.stderr
+
+
+def test_bind_leaves_a_socket_file_that_is_no_longer_its_own(appdir):
+    path = str(appdir / "app.sock")
+    with Runner(appdir, "apps:hello", sock_path=path) as r:
+        assert b"hello" in Exchange(path).request(cgi_params("/"))[0]
+        os.unlink(path)                          # someone else took the path over
+        other = socket.socket(socket.AF_UNIX)
+        other.bind(path)
+        with other:
+            assert r.stop() == 0
+            assert os.path.exists(path), "the runner removed a socket file not its own"
+    with Runner(appdir, "apps:hello", sock_path=path) as r:   # the stale one is replaced
+        assert r.stop() == 0
+        assert not os.path.exists(path), "the runner left its own socket file behind"

@@ -23,8 +23,6 @@ import traceback
 from spawnd.wsgi.environ import normalise_prefix
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
 class UsageError(Exception):
@@ -32,10 +30,13 @@ class UsageError(Exception):
 
 
 def duration(text: str) -> float:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a duration (like 250ms, 10s, 5m): {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    """spawnd's own duration syntax (config.parse_duration). Imported here, when an
+    option needs it: spawnd.config loads YAML, which a runner otherwise never uses."""
+    from spawnd.config import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive(text: str) -> int:
@@ -169,42 +170,22 @@ def listener_on_fd0() -> socket.socket | None:
     return None
 
 
-def bind(address: str, backlog: int) -> socket.socket:
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        if os.path.exists(rest):
-            if not stat.S_ISSOCK(os.stat(rest).st_mode):
-                raise UsageError(f"--bind {address}: exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(rest)
-                raise UsageError(f"--bind {address}: in use (something answers there)")
-            except OSError:
-                os.unlink(rest)          # a stale socket
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = rest
-    elif kind == "tcp" and rest.rpartition(":")[0]:
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        try:
-            port_n = int(port)
-        except ValueError:
-            raise UsageError(f"--bind {address}: bad port {port!r}") from None
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        target = (host, port_n)
-    else:
+def bind(address: str, backlog: int):
+    """--bind: the address as spawnd's ``listen:`` parses it, bound as spawnd binds a
+    pool's socket (a stale socket file is replaced, a live one or anything else at the
+    path is refused). Returns a spawnd.listen.Bound; its close() removes the socket file
+    only while it is still the one made here."""
+    from spawnd import config, listen
+    try:
+        where = config.parse_listen(address, os.getcwd())
+    except ValueError as exc:
+        raise UsageError(f"--bind: {exc}") from None
+    if where.kind == "systemd":
         raise UsageError(f"--bind: expected unix:PATH or tcp:HOST:PORT, got {address!r}")
     try:
-        sock.bind(target)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"--bind {address}: {exc.strerror or exc}") from None
-    return sock
+        return listen.bind(where, config.SocketOptions(backlog=backlog))
+    except listen.ListenError as exc:
+        raise UsageError(f"--bind {address}: {exc}") from None
 
 
 def main(argv=None) -> int:
@@ -229,34 +210,32 @@ def run(args) -> int:
         except OSError as exc:
             raise UsageError(f"--chdir {args.chdir}: {exc.strerror}") from None
     sys.path.insert(0, os.getcwd())
-    listener = bind(args.bind, args.backlog) if args.bind else listener_on_fd0()
-    if listener is None and "GATEWAY_INTERFACE" not in os.environ:
-        raise UsageError("fd 0 is not a listening socket and GATEWAY_INTERFACE is not set "
-                         "(not a CGI request): start me from spawnd, or use --bind")
     from spawnd.wsgi.server import Server, log, parse_allowed
     try:
         allowed = parse_allowed(os.environ.get("FCGI_WEB_SERVER_ADDRS"))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    app = load_app(args.app)
-    if listener is None:
-        from spawnd.wsgi.cgi import serve_cgi
-        return serve_cgi(app, prefix)
-    server = Server(app, listener, threads=args.threads, script_name=prefix,
-                    max_requests=args.max_requests or 0,
-                    graceful_timeout=args.graceful_timeout, io_timeout=args.io_timeout,
-                    allowed=allowed, multiprocess=not args.bind)
-    where = args.bind or f"fd 0 ({_describe(listener)})"
-    log(f"serving {args.app} on {where} with {args.threads} thread(s)")
+    bound = bind(args.bind, args.backlog) if args.bind else None
+    listener = bound.sock if bound else listener_on_fd0()
     try:
+        if listener is None and "GATEWAY_INTERFACE" not in os.environ:
+            raise UsageError("fd 0 is not a listening socket and GATEWAY_INTERFACE is not "
+                             "set (not a CGI request): start me from spawnd, or use --bind")
+        app = load_app(args.app)
+        if listener is None:
+            from spawnd.wsgi.cgi import serve_cgi
+            return serve_cgi(app, prefix)
+        server = Server(app, listener, threads=args.threads, script_name=prefix,
+                        max_requests=args.max_requests or 0,
+                        graceful_timeout=args.graceful_timeout, io_timeout=args.io_timeout,
+                        allowed=allowed, multiprocess=not args.bind)
+        where = args.bind or f"fd 0 ({_describe(listener)})"
+        log(f"serving {args.app} on {where} with {args.threads} thread(s)")
         return server.serve()
     finally:
-        if args.bind and args.bind.startswith("unix:"):
-            try:
-                os.unlink(args.bind[5:])
-            except OSError:
-                pass
-        if not args.bind:
+        if bound:
+            bound.close()       # removes the socket file only if it is still ours
+        elif listener is not None:
             listener.detach()
 
 
