@@ -232,3 +232,12 @@ def test_env_file(tmp_path):
         read_env_file(str(f))
     with pytest.raises(UsageError, match="cannot read env file"):
         read_env_file(str(tmp_path / "missing"))
+
+
+def test_wsgi_base_has_every_pep3333_key():
+    from spawnd.wsgi.environ import wsgi_base
+    env = wsgi_base(multithread=True, multiprocess=False, run_once=True)
+    assert {"wsgi.version", "wsgi.errors", "wsgi.multithread", "wsgi.multiprocess",
+            "wsgi.run_once", "wsgi.url_scheme"} - set(env) == {"wsgi.url_scheme"}
+    assert env["wsgi.multithread"] and not env["wsgi.multiprocess"] and env["wsgi.run_once"]
+    assert env["wsgi.input_terminated"] is True and env["wsgi.version"] == (1, 0)

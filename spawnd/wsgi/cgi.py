@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from spawnd.wsgi.environ import NotMounted, build_environ, content_length
-from spawnd.wsgi.response import NOT_FOUND, FileWrapper, PeerGone, run_app
+from spawnd.wsgi.environ import NotMounted, build_environ, content_length, wsgi_base
+from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
 from spawnd.wsgi.stream import InputStream
 
 CHUNK = 1 << 16
@@ -70,16 +70,8 @@ def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
         print(f"spawnd-wsgi: invalid CONTENT_LENGTH {environ['CONTENT_LENGTH']!r};"
               " ignoring the body", file=sys.stderr)
     stream = InputStream(body_reader(stdin_fd, length))
-    environ.update({
-        "wsgi.version": (1, 0),
-        "wsgi.input": stream,
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": True,
-        "wsgi.input_terminated": True,
-        "wsgi.file_wrapper": FileWrapper,
-    })
+    environ.update(wsgi_base(multithread=False, multiprocess=True, run_once=True))
+    environ["wsgi.input"] = stream
     ok = run_app(app, environ, sink)
     try:
         # A CGI server still writing the body would fail the whole response (fcgiwrap

@@ -18,6 +18,10 @@ Decisions, made once here for both the FastCGI and the CGI mode:
 """
 from __future__ import annotations
 
+import sys
+
+from spawnd.wsgi.response import FileWrapper
+
 REQUIRED_DEFAULTS = {
     "REQUEST_METHOD": "GET",
     "QUERY_STRING": "",
@@ -103,3 +107,16 @@ def content_length(env: dict) -> int | None:
     if n < 0:
         raise ValueError(f"negative CONTENT_LENGTH {raw!r}")
     return n
+
+
+def wsgi_base(*, multithread: bool, multiprocess: bool, run_once: bool) -> dict:
+    """The wsgi.* keys every request's environ gets (wsgi.input is per request)."""
+    return {
+        "wsgi.version": (1, 0),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": multithread,
+        "wsgi.multiprocess": multiprocess,
+        "wsgi.run_once": run_once,
+        "wsgi.input_terminated": True,      # wsgi.input always ends where the body ends
+        "wsgi.file_wrapper": FileWrapper,
+    }

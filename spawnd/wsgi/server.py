@@ -44,8 +44,8 @@ import traceback
 
 from spawnd.fastcgi.protocol import (AUTHORIZER, RESPONDER, AbortRequest, ProtocolError,
                                      Request, ServerConnection, StdinData, StdinEnd)
-from spawnd.wsgi.environ import NotMounted, build_environ
-from spawnd.wsgi.response import NOT_FOUND, FileWrapper, PeerGone, run_app
+from spawnd.wsgi.environ import NotMounted, build_environ, wsgi_base
+from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
 from spawnd.wsgi.stream import InputStream
 
 RECV_SIZE = 1 << 18
@@ -236,15 +236,8 @@ class Server:
         self._lock = threading.Lock()
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._max_conns = max(1, min(nofile, 1 << 20) - 16)
-        self._environ_base = {
-            "wsgi.version": (1, 0),
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": threads > 1,
-            "wsgi.multiprocess": multiprocess,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
-            "wsgi.file_wrapper": FileWrapper,
-        }
+        self._environ_base = wsgi_base(multithread=threads > 1, multiprocess=multiprocess,
+                                       run_once=False)
         self._exit: BaseException | None = None
         self._stop_event = threading.Event()
         self._poller = None         # only if the listening socket is non-blocking
