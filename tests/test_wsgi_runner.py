@@ -385,7 +385,12 @@ def test_abort_request_ends_a_request_reading_its_body(appdir):
                         + c.send_stdin(1, b"x" * 5) + c.abort_request(1))
         out, _, end = ex.response()
         assert end.request_id == 1
-        assert b"hello" not in out
+        # the read failed (ConnectionError) instead of returning the 5 bytes as the body
+        assert split_cgi(out)[0] == 500 and b"xxxxx" not in out, out
+        assert "aborted the request" in r.stderr()
+        # the same keep-alive connection serves the next request
+        assert split_cgi(ex.request(cgi_params("/", "POST", body=b"def"), b"def",
+                                    keep_conn=True)[0])[2] == b"def"
         r2 = Exchange(r.path)
         assert split_cgi(r2.request(cgi_params("/"), b"abc")[0])[2] == b"abc"
 
