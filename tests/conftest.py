@@ -70,6 +70,16 @@ def pub():
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def stubborn(pub):
+    """A child program that ignores SIGTERM, prints "armed" once it does, and keeps
+    running (its sleep grandchildren come and go in its process group)."""
+    script = pub / "stubborn.sh"
+    script.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 0.05; done\n")
+    script.chmod(0o755)
+    return script
+
+
 @pytest.fixture(scope="session")
 def hello_fcgi():
     """Path of the compiled C FastCGI program (support/hello_fcgi.c), built once per session

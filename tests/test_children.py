@@ -184,10 +184,8 @@ def test_backoff_timing_of_a_crash_loop(tmp_path):
         assert d.stop() == 0
 
 
-def test_child_ignoring_sigterm_is_killed_after_timeout(tmp_path, pub):
-    script = pub / "stubborn.sh"
-    script.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 0.05; done\n")
-    script.chmod(0o755)
+def test_child_ignoring_sigterm_is_killed_after_timeout(tmp_path, stubborn):
+    script = stubborn
     with Spawnd(tmp_path, f"""\
         pools:
           stubborn:

@@ -81,10 +81,7 @@ def test_sighup_reload_that_cannot_apply_socket_settings_changes_nothing(tmp_pat
         assert d.stop() == 0
 
 
-def test_sighup_during_shutdown_is_ignored(tmp_path, pub):
-    stubborn = pub / "stubborn.sh"
-    stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 0.05; done\n")
-    stubborn.chmod(0o755)
+def test_sighup_during_shutdown_is_ignored(tmp_path, pub, stubborn):
     cfg = f"""\
 pools:
   s:
@@ -212,10 +209,7 @@ pools:
         server.close()
 
 
-def test_readding_a_pool_that_is_still_stopping_is_refused(tmp_path, pub):
-    stubborn = pub / "stubborn.sh"
-    stubborn.write_text("#!/bin/sh\ntrap '' TERM\necho armed\nwhile :; do sleep 0.05; done\n")
-    stubborn.chmod(0o755)
+def test_readding_a_pool_that_is_still_stopping_is_refused(tmp_path, pub, stubborn):
     slow = f"""\
   slow:
     command: [{stubborn}]
