@@ -15,8 +15,9 @@ Threads and who owns what
   ``socket.accept`` retries EINTR in non-main threads: through ctypes a signal sent to
   the acceptor (``pthread_kill``) interrupts a *waiting* accept without taking a
   connection, so a stopping runner never accepts a connection it will not serve. It
-  accepts only while fewer than ``--threads`` requests are in the application (see
-  ``_accept_loop``): a full runner leaves new connections to its idle siblings.
+  stops accepting once ``--threads`` requests have been in the application for
+  KICK_DELAY (see ``_accept_loop``): a full runner leaves new connections to its idle
+  siblings.
 * Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
   to the thread that runs the application: the loop itself with ``--threads 1``, else a
   worker. That thread reads STDIN from the socket only when the application reads
@@ -245,7 +246,8 @@ class Server:
         self._in_app = 0            # connections dispatched and not yet done
         self._parked = False        # the acceptor waits on _gate
         self._kick_timer: ThreadTimer | None = None
-        self._kick_at = 0.0
+        self._kick_at = 0.0         # when the KICK timer expires (if in the future)
+        self._full_since = 0.0      # when _in_app last reached --threads
         self._work: queue.SimpleQueue | None = None
         self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -313,14 +315,16 @@ class Server:
 
     # -- the acceptor thread -------------------------------------------------------------
     def _accept_loop(self) -> None:
-        """Accept while fewer than --threads requests are in the application.
+        """Accept unless --threads requests have been in the application for
+        KICK_DELAY or longer.
 
-        When they are all busy, a connection waiting in the shared listen queue is
-        better served by an idle sibling process (and stays visible to spawnd's queue
-        depth scaling): the acceptor parks on ``_gate`` until a request finishes. It may
-        already be blocked in accept4() when the application becomes full; then the
-        request's KICK timer (KICK_DELAY) interrupts it, so a fast request costs no
-        signal at all and a slow one holds no waiting accept()."""
+        Then a connection waiting in the shared listen queue is better served by an
+        idle sibling process (and stays visible to spawnd's queue depth scaling): the
+        acceptor parks on ``_gate`` until a request finishes. Usually it is blocked in
+        accept4() when that moment comes: the KICK timer, armed when the application
+        became full, interrupts it (EINTR) and it looks again. Requests faster than
+        KICK_DELAY never park it, so the hot path costs no signal and no thread
+        hand-off; a slow request holds no waiting accept()."""
         try:
             self._kick_timer = ThreadTimer(KICK, threading.get_native_id())
         except OSError as exc:
@@ -330,12 +334,18 @@ class Server:
         gate = self._gate
         while not self.stopping:
             if self._in_app >= self.threads:
-                with gate:
-                    self._parked = True
-                    while self._in_app >= self.threads and not self.stopping:
-                        gate.wait()
-                    self._parked = False
-                continue
+                now = time.monotonic()
+                due = self._full_since + KICK_DELAY
+                if now >= due:
+                    with gate:
+                        self._parked = True
+                        while self._in_app >= self.threads and not self.stopping:
+                            gate.wait()
+                        self._parked = False
+                    continue
+                if self._kick_at <= now and self._kick_timer is not None:
+                    self._kick_at = due     # look again when it has been full that long
+                    self._kick_timer.arm(due - now)
             fd = _accept4(lfd, None, None, flags)
             if fd < 0:
                 err = ctypes.get_errno()
@@ -502,7 +512,7 @@ class Server:
             self._in_app += 1
             full = self._in_app >= self.threads
         if full and self._kick_timer is not None:
-            now = time.monotonic()
+            now = self._full_since = time.monotonic()
             if now >= self._kick_at:        # else a kick is due already (spurious is fine)
                 self._kick_at = now + KICK_DELAY
                 self._kick_timer.arm(KICK_DELAY)
