@@ -69,11 +69,11 @@ class Runner:
         if listener is None:
             wait_until(lambda: self.proc.poll() is not None or _answers(self.path), 15,
                        "the runner's socket to answer")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"runner exited {self.proc.returncode}:\n{self.stderr()}")
-        else:
-            wait_until(lambda: self.proc.poll() is not None or "serving" in self.stderr(),
-                       15, "the runner to log 'serving'")
+        # 'serving' is logged once TERM is handled: a stop() before would kill it
+        wait_until(lambda: self.proc.poll() is not None or "serving" in self.stderr(),
+                   15, "the runner to log 'serving'")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"runner exited {self.proc.returncode}:\n{self.stderr()}")
 
     def stderr(self) -> str:
         with open(self.errfile, "rb") as f:

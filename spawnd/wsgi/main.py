@@ -210,7 +210,7 @@ def run(args) -> int:
         except OSError as exc:
             raise UsageError(f"--chdir {args.chdir}: {exc.strerror}") from None
     sys.path.insert(0, os.getcwd())
-    from spawnd.wsgi.server import Server, log, parse_allowed
+    from spawnd.wsgi.server import Server, parse_allowed
     try:
         allowed = parse_allowed(os.environ.get("FCGI_WEB_SERVER_ADDRS"))
     except ValueError as exc:
@@ -230,8 +230,8 @@ def run(args) -> int:
                         graceful_timeout=args.graceful_timeout, io_timeout=args.io_timeout,
                         allowed=allowed, multiprocess=not args.bind)
         where = args.bind or f"fd 0 ({_describe(listener)})"
-        log(f"serving {args.app} on {where} with {args.threads} thread(s)")
-        return server.serve()
+        return server.serve(ready=f"serving {args.app} on {where} with {args.threads} "
+                                  "thread(s)")
     finally:
         if bound:
             bound.close()       # removes the socket file only if it is still ours

@@ -253,13 +253,16 @@ class Server:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- life cycle ----------------------------------------------------------------------
-    def serve(self) -> int:
-        """Run until stopped (signal or --max-requests); returns the exit status."""
+    def serve(self, ready: str | None = None) -> int:
+        """Run until stopped (signal or --max-requests); returns the exit status.
+        ``ready`` is logged once TERM/INT are handled (tests and people wait for it)."""
         self.epoll.register(self._wake_r, select.EPOLLIN)
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         old_handlers = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGTERM, signal.SIGINT)}
         old_handlers[KICK] = signal.signal(KICK, _ignore)
+        if ready:
+            log(ready)
         try:
             if self.threads > 1:
                 self._work = queue.SimpleQueue()
