@@ -49,7 +49,11 @@ from spawnd.wsgi.environ import NotMounted, build_environ, wsgi_base
 from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
 from spawnd.wsgi.stream import InputStream
 
-RECV_SIZE = 1 << 18
+# 64 KiB: two of nginx's 32 KiB STDIN records. recv(n) allocates n bytes first; above
+# glibc's mmap threshold (128 KiB) each call maps fresh memory and faults it in, which
+# measured 2 page faults per hello request and ~150 per 1 MiB POST at 256 KiB
+# (benchmarks/wsgi.md, "Where spawnd-wsgi's time goes").
+RECV_SIZE = 1 << 16
 DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
 DRAIN_TIME = 2.0            # seconds a draining connection may take
 ROLE_NAMES = {RESPONDER: "RESPONDER", AUTHORIZER: "AUTHORIZER"}   # the roles served
