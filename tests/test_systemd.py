@@ -602,3 +602,75 @@ def test_daemon_notifies_stores_its_socket_and_restarts_without_refusing(tmp_pat
             os.close(fd)
     assert "exiting" in out1, out1
     assert "ready:" in out2, out2
+
+
+def test_daemon_under_socket_activation_by_name_and_address_reload_and_watchdog(
+        tmp_path, path_listener):
+    """spawnd started by systemd-socket-activate with two sockets: one pool takes its fd by
+    name (systemd:web), the other by address; READY/STATUS, the watchdog at half of
+    WATCHDOG_USEC, RELOADING+READY around a reload, STOPPING on TERM."""
+    from support.proc import environ as proc_environ, socket_inode, unix_listener_inode
+    address, listener = path_listener
+    user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    admin = str(tmp_path / "admin.sock")
+    (tmp_path / "spawnd.yaml").write_text(textwrap.dedent(f"""\
+        spawnd: {{admin_socket: {admin}}}
+        pools:
+          named:
+            command: [/usr/bin/python3, -c, {json.dumps(CHILD)}]
+            listen: systemd:web
+            user: {user}
+          byaddr:
+            command: [/usr/bin/python3, -c, {json.dumps(CHILD)}]
+            listen: unix:{b}
+            user: {user}
+        """))
+    activate = ("systemd-socket-activate", "-l", a, "-l", b, "--fdname=web:other",
+                "-E", f"NOTIFY_SOCKET={address}", "-E", "WATCHDOG_USEC=1000000")
+    daemon, log = start_daemon(tmp_path, dict(os.environ), argv_prefix=activate)
+    try:
+        # systemd-socket-activate (v252) starts spawnd on the first connection; that
+        # connection waits in the queue and is answered by the 'named' pool's child.
+        client = socket.socket(socket.AF_UNIX)
+        client.settimeout(15)
+        for _ in range(500):
+            try:
+                client.connect(a)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.01)
+        client.sendall(b"ping")
+        seen = collect(listener, lambda t: t.startswith("READY=1"))
+        assert "STATUS=2 pool(s), 2/2 children running" in seen[-1][0], seen
+        assert client.recv(100) == b"pong"
+        client.close()
+        pools = {}
+        for _ in range(100):
+            out = subprocess.run([sys.executable, "-m", "spawnd.ctl", "-s", admin, "status",
+                                  "--json"], capture_output=True, text=True)
+            pools = {p["name"]: p for p in json.loads(out.stdout)["pools"]}
+            if all(p["children"] for p in pools.values()):
+                break
+        for name, path in (("named", a), ("byaddr", b)):
+            [child] = [c["pid"] for c in pools[name]["children"]]
+            assert socket_inode(child, 0) == unix_listener_inode(path), name
+            assert not any(k.startswith("LISTEN_") for k in proc_environ(child)), name
+        # Watchdog: every 0.5 s (half of WATCHDOG_USEC), sent by the loop.
+        t0, pings = time.monotonic(), 0
+        while time.monotonic() - t0 < 2.0:
+            if select.select([listener.sock], [], [], 0.05)[0]:
+                pings += listener.receive()[0] == "WATCHDOG=1\n"
+        assert 3 <= pings <= 5, pings
+        # A reload: RELOADING=1 with MONOTONIC_USEC, then READY=1.
+        subprocess.run([sys.executable, "-m", "spawnd.ctl", "-s", admin, "reload"], check=True,
+                       capture_output=True)
+        seen = collect(listener, lambda t: t.startswith("READY=1"))
+        texts = [t for t, _ in seen if "WATCHDOG" not in t]
+        assert texts[0].startswith("RELOADING=1\nMONOTONIC_USEC="), texts
+        daemon.terminate()
+        collect(listener, lambda t: t.startswith("STOPPING=1"))
+        assert daemon.wait(15) == 0
+    finally:
+        out = stop_daemon(daemon, log)
+    assert "systemd passed a socket" not in out, out      # both were adopted
