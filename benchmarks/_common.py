@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +24,12 @@ def admin_call(sock_path: str, cmd: str, **args) -> dict:
     reply = json.loads(f.readline())
     s.close()
     return reply
+
+
+def first_line(cmd) -> str:
+    """The first line a command prints (a version string), or "?"."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (r.stdout + r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"

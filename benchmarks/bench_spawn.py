@@ -44,6 +44,8 @@ CHILD_MIN_AGE = 0.15   # (b): a victim has lived this long, past both supervisor
 
 # ---- observing children ------------------------------------------------------------------
 
+from _common import first_line  # noqa: E402
+
 def accepting(inode: int) -> set[int]:
     """Pids whose fd 0 is the listening socket `inode` and that are blocked in accept on it."""
     want = f"socket:[{inode}]"
@@ -343,12 +345,7 @@ def table(header, rows):
 
 
 def versions() -> str:
-    def first(cmd):
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return "?"
+    first = first_line
     return "; ".join([first(["spawn-fcgi", "-v"]), first(["multiwatch", "-v"]),
                       first([SPAWND, "--version"]) if os.path.exists(SPAWND) else "spawnd ?",
                       f"fcgiwrap {FCGIWRAP}"])

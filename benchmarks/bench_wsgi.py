@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 
@@ -60,6 +59,8 @@ POST_CRC_ANSWER = b"%d %08x" % (len(POST_BODY), zlib.crc32(POST_BODY))
 
 
 # ---- small helpers -----------------------------------------------------------------------
+
+from _common import first_line  # noqa: E402
 
 def progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
@@ -475,12 +476,7 @@ def machine_load(seconds: float = 1.0) -> str:
 
 
 def versions() -> str:
-    def first(cmd):
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (r.stdout + r.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return "?"
+    first = first_line
     import flup  # noqa: F401
     from importlib.metadata import version
     return "; ".join([first([NGINX, "-v"]), f"uWSGI {first(['uwsgi', '--version'])}",
