@@ -51,7 +51,6 @@ class Child:
     _sample: tuple | None = None   # (monotonic time, CPU seconds) at the last status
     cpu_sample: tuple | None = None   # the same, for recycling (max_cpu)
     cpu_over: int = 0              # consecutive samples above max_cpu
-    traced: bool = False           # being retired under ptrace
     start_failed: bool = False     # killed for missing probe.start_timeout
     idle_since: float | None = None   # scaling: first seen waiting in accept()
 

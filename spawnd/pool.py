@@ -112,10 +112,13 @@ class Pool:
     def output(self, pid: int, lines: list[str]) -> None:
         """Lines a child wrote: to spawnd's log, the pool's ring buffer and followers."""
         log.child_lines(self.name, pid, lines)
-        tagged = [f"[{pid}] {line}" for line in lines]
-        self.logs.extend(tagged)
-        for follower in list(self.followers):
-            follower(tagged)
+        # (pid, line) pairs: formatted only when somebody asks (spawnctl logs), not here on
+        # the loop's busiest path.
+        self.logs.extend((pid, line) for line in lines)
+        if self.followers:
+            tagged = format_lines((pid, line) for line in lines)
+            for follower in list(self.followers):
+                follower(tagged)
 
     # ---- waiting for conditions ------------------------------------------------------
     def when(self, predicate, callback) -> None:
@@ -542,7 +545,6 @@ class Pool:
             if health.sole_acceptor(ch.pid, ch.pgid):
                 try:
                     ptrace.seize_and_interrupt(ch.pid)
-                    ch.traced = True
                     # A program that never calls accept() itself (php-cgi's master before
                     # it forks its workers) gets stop.signal after half the timeout.
                     ch.timers.append(self.loop.call_later(timeout / 2, self._signal_traced, ch))
@@ -644,6 +646,11 @@ class Pool:
             "children": [c.status(now, snapshot) for c in sorted(self.children.values(),
                                                       key=lambda c: c.started)],
         }
+
+
+def format_lines(entries) -> list[str]:
+    """(pid, line) pairs from a pool's log buffer as spawnctl logs shows them."""
+    return [f"[{pid}] {line}" for pid, line in entries]
 
 
 def _killpg(pgid: int, sig: int) -> None:

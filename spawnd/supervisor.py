@@ -26,7 +26,7 @@ from . import health, listen, ptrace, systemd
 from .control import AdminServer, CommandError
 from .log import log
 from .metrics import exposition
-from .pool import BACKOFF, STOPPED, Pool
+from .pool import BACKOFF, STOPPED, Pool, format_lines
 
 PR_SET_CHILD_SUBREAPER = 36
 MAX_SCALE = 10000           # spawnctl scale: a typo must not fork a million children
@@ -512,7 +512,7 @@ class Supervisor:
         n = args.get("lines", 50)
         if not isinstance(n, int) or n < 0:
             raise CommandError("lines must be a number >= 0")
-        lines = list(pool.logs)[-n:] if n else []
+        lines = format_lines(list(pool.logs)[-n:]) if n else []
         if not args.get("follow") or conn is None:
             reply({"pool": pool.name, "lines": lines})
             return
