@@ -386,17 +386,26 @@ class _Context:
 
     # -- reading files ------------------------------------------------------------------
 
-    def read(self, path: str) -> _V | None:
-        """Read one file into a _V tree (None when unreadable or not YAML; error recorded)."""
+    def read(self, path: str, via: str = "") -> _V | None:
+        """Read one file into a _V tree (None when unreadable or not YAML; error recorded).
+        *via* names the include that matched the file, so an error about a file the
+        admin never wrote down (a glob that caught a binary, say) says where it came from."""
         self.files.append(path)
+        matched = f" (matched by {via})" if via else ""
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
-            self.errors.append(f"{path}: file not found")
+            self.errors.append(f"{path}: file not found{matched}")
             return None
-        except (OSError, UnicodeDecodeError) as e:
-            self.errors.append(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}")
+        except OSError as e:
+            self.errors.append(f"{path}: cannot read: {e.strerror or e}{matched}")
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            self.errors.append(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}){matched}")
             return None
         # libyaml (CSafeLoader) composes ~10x faster; when it rejects a file, the pure-Python
         # parser reads it again because its messages are more precise (it names the tab).
@@ -1070,11 +1079,11 @@ def _conflicts(a: Listen, b: Listen) -> bool:
         a.host == b.host or bool({a.host, b.host} & {"0.0.0.0", "::"}))
 
 
-def _file(ctx: _Context, path: str, main: bool,
+def _file(ctx: _Context, path: str, main: bool, via: str,
           pools: dict[str, tuple[Pool | None, str]]) -> Daemon | None:
     """Read one file; add its pools to *pools* (name -> (pool, where)). Returns the
     daemon section of the main file."""
-    top = ctx.read(path)
+    top = ctx.read(path, via)
     if top is None:
         return Daemon() if main else None
     base_dir = os.path.dirname(path)
@@ -1106,7 +1115,7 @@ def load(path: str) -> Config:
     ctx = _Context()
     main = os.path.abspath(path)
     pools: dict[str, tuple[Pool | None, str]] = {}
-    daemon = _file(ctx, main, True, pools)
+    daemon = _file(ctx, main, True, "", pools)
     files = [main]
     includes: set[str] = set()
     for pattern in daemon.include:
@@ -1118,7 +1127,7 @@ def load(path: str) -> Config:
     for inc in sorted(includes):
         if os.path.realpath(inc) != main_real:
             files.append(inc)
-            _file(ctx, inc, False, pools)
+            _file(ctx, inc, False, daemon.where.get('include', main), pools)
 
     by_slot: dict[tuple, list[Pool]] = {}      # only pools in one slot can clash
     for pool, _ in pools.values():

@@ -194,6 +194,23 @@ def test_include_glob_matching_the_main_file_does_not_read_it_twice(tmp_path):
     assert load(main).files == (main,)
 
 
+def test_an_included_file_that_is_not_text_is_named_with_the_include_that_matched_it(tmp_path):
+    """A glob that catches a binary (a backup, an editor swap file) names the file, the
+    line of the bad byte, and the include line, so the admin knows which glob to fix."""
+    main = write(tmp_path, "spawnd.yaml", """
+        spawnd:
+          include: "pools.d/*"
+        pools:
+        """)
+    (tmp_path / "pools.d").mkdir()
+    (tmp_path / "pools.d" / "web.yaml.swp").write_bytes(b"pools:\n  web: {}\n\xa4\x00b0VIM")
+    with pytest.raises(ConfigError) as info:
+        load(main)
+    assert info.value.errors == [
+        f"{tmp_path}/pools.d/web.yaml.swp:3: not UTF-8 text (byte 0xa4 at offset 17) "
+        f"(matched by {main}:2: spawnd.include)"]
+
+
 def test_listen_addresses_that_can_coexist(tmp_path):
     """Different ports, families or paths; [::] is IPv6-only so it does not clash with 0.0.0.0."""
     listens = ["tcp:0.0.0.0:9000", "tcp:[::]:9000", "tcp:127.0.0.1:9001", "tcp:127.0.0.2:9001",
@@ -670,7 +687,10 @@ def test_any_structure_gives_a_config_or_a_config_error(tmp_path, tree):
     try:
         load(str(path))
     except ConfigError as e:
-        assert e.errors and all(err.startswith(str(path)) for err in e.errors), e.errors
+        # Each error is about this file, or about a file its include matched (the trees
+        # can name /bin/cat) and then says which include line matched it.
+        assert e.errors and all(err.startswith(f"{path}:") or f"(matched by {path}:" in err
+                                for err in e.errors), e.errors
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
