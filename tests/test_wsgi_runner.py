@@ -1,6 +1,7 @@
 """spawnd-wsgi as a process, driven with raw FastCGI (no web server in between)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -252,9 +253,13 @@ def test_the_applications_default_socket_timeout_does_not_apply_to_connections(a
         ex.sock.setblocking(False)
 
         def waiting_or_answered():
-            with open(f"/proc/{r.proc.pid}/syscall") as f:
-                if f.read().split()[0] == "45":     # recvfrom: reading the body
-                    return "reading"
+            # The thread serving the request (the loop, or the acceptor when the
+            # request came with the connection) is blocked in recvfrom (45): reading the body.
+            for task in os.listdir(f"/proc/{r.proc.pid}/task"):
+                with contextlib.suppress(OSError), \
+                        open(f"/proc/{r.proc.pid}/task/{task}/syscall") as f:
+                    if f.read().split()[0] == "45":
+                        return "reading"
             try:
                 return "answered" if ex.sock.recv(1, socket.MSG_PEEK) is not None else ""
             except BlockingIOError:

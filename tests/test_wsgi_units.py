@@ -8,7 +8,9 @@ import time
 import pytest
 from hypothesis import given, strategies as st
 
-from spawnd.wsgi.environ import NotMounted, build_environ, normalise_prefix, split_path
+from spawnd.fastcgi.protocol import ProtocolError, decode_pairs, encode_pairs
+from spawnd.wsgi.environ import (NotMounted, build_environ, decode_params, merge_params,
+                                 normalise_prefix, split_path)
 from spawnd.wsgi.main import read_env_file, UsageError
 from spawnd.wsgi.response import run_app
 from spawnd.wsgi.server import normalise_ip, parse_allowed
@@ -241,3 +243,36 @@ def test_wsgi_base_has_every_pep3333_key():
             "wsgi.run_once", "wsgi.url_scheme"} - set(env) == {"wsgi.url_scheme"}
     assert env["wsgi.multithread"] and not env["wsgi.multiprocess"] and env["wsgi.run_once"]
     assert env["wsgi.input_terminated"] is True and env["wsgi.version"] == (1, 0)
+
+
+# decode_params is the one-pass PARAMS decoder of the runner's hot path: it must give
+# exactly what the general path gives (decode_pairs, then merge_params), duplicates,
+# 4-byte lengths and non-ASCII bytes included, and fail the same way.
+_NAMES = st.sampled_from([b"HTTP_COOKIE", b"HTTP_ACCEPT", b"QUERY_STRING", b"X", b""]) \
+    | st.binary(max_size=300)
+_PAIRS = st.lists(st.tuples(_NAMES, st.binary(max_size=300)), max_size=12)
+
+
+@given(_PAIRS)
+def test_decode_params_equals_the_general_path(pairs):
+    data = encode_pairs(pairs)
+    assert decode_params(data) == merge_params(decode_pairs(data))
+
+
+@given(_PAIRS, st.integers(min_value=1, max_value=40))
+def test_decode_params_rejects_a_truncated_stream_like_decode_pairs(pairs, cut):
+    data = encode_pairs(pairs + [(b"NAME", b"v" * 200)])[:-cut]
+    with pytest.raises(ProtocolError) as mine:
+        decode_params(data)
+    with pytest.raises(ProtocolError) as general:
+        decode_pairs(data)
+    assert str(mine.value) == str(general.value)
+
+
+def test_decode_params_merges_duplicates_as_the_environ_rules_say():
+    data = encode_pairs([(b"HTTP_COOKIE", b"a=1"), (b"HTTP_COOKIE", b"b=2"),
+                         (b"HTTP_ACCEPT", b"x"), (b"HTTP_ACCEPT", b"y"),
+                         (b"DOCUMENT_ROOT", b"/a"), (b"DOCUMENT_ROOT", b"/b"),
+                         (b"PATH_INFO", "/\u00e9".encode())])
+    assert decode_params(data) == {"HTTP_COOKIE": "a=1; b=2", "HTTP_ACCEPT": "x, y",
+                                   "DOCUMENT_ROOT": "/b", "PATH_INFO": "/\u00c3\u00a9"}

@@ -93,7 +93,8 @@ class Request:
     request_id: int
     role: int
     keep_conn: bool
-    params: tuple[tuple[bytes, bytes], ...]   # in wire order, duplicates kept
+    params: tuple[tuple[bytes, bytes], ...]   # in wire order, duplicates kept (what
+                                              # the connection's params_decoder returns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,11 +328,15 @@ class ServerConnection:
     with END_REQUEST(CANT_MPX_CONN); more than ``max_reqs`` concurrent with OVERLOADED.
     Refused requests never produce events; their remaining input is discarded (see the
     module docstring).
+
+    ``params_decoder`` turns a request's whole PARAMS stream into ``Request.params``
+    (default ``decode_pairs``) and raises ProtocolError when it is malformed; a server
+    can decode straight into the form it uses (spawnd-wsgi: an environ dict).
     """
 
     def __init__(self, *, max_conns: int = 1, max_reqs: int = 1, mpxs_conns: bool = False,
                  roles: tuple[int, ...] = (RESPONDER, AUTHORIZER),
-                 max_params_size: int = 1 << 20) -> None:
+                 max_params_size: int = 1 << 20, params_decoder=None) -> None:
         if FILTER in roles:
             raise ValueError("the FILTER role is not supported (no DATA events)")
         if max_reqs < 1 or max_conns < 1:
@@ -343,6 +348,7 @@ class ServerConnection:
         self._mpxs = mpxs_conns
         self._roles = frozenset(roles)
         self._max_params = max_params_size
+        self._decode_params = params_decoder or decode_pairs
         self._framer = _Framer()
         self._reqs: dict[int, _ServerRequest] = {}
         self._active = 0            # requests in _reqs not discarding
@@ -432,7 +438,8 @@ class ServerConnection:
                                     f" {self._max_params} bytes")
             req.params.append(content)
             return
-        params = decode_pairs(b"".join(req.params))
+        chunks = req.params
+        params = self._decode_params(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         req.params = []
         req.phase = _STDIN
         events.append(Request(rid, req.role, req.keep_conn, params))

@@ -18,9 +18,13 @@ Decisions, made once here for both the FastCGI and the CGI mode:
 """
 from __future__ import annotations
 
+import struct
 import sys
 
+from spawnd.fastcgi.protocol import decode_pairs
 from spawnd.wsgi.response import FileWrapper
+
+_U32 = struct.Struct(">I").unpack_from
 
 REQUIRED_DEFAULTS = {
     "REQUEST_METHOD": "GET",
@@ -68,8 +72,9 @@ def split_path(script_name: str | None, path_info: str | None,
     return script, path_info
 
 
-def build_environ(params, prefix: str | None = None) -> dict:
-    """``params``: iterable of (name, value) as bytes (FastCGI) or latin-1 str (CGI)."""
+def merge_params(params) -> dict:
+    """(name, value) pairs, as bytes (FastCGI) or latin-1 str (CGI) -> a dict of str,
+    duplicates merged (see the module docstring)."""
     env: dict = {}
     for name, value in params:
         if type(name) is bytes:
@@ -79,6 +84,56 @@ def build_environ(params, prefix: str | None = None) -> dict:
         if old is not None and name.startswith("HTTP_"):
             value = old + ("; " if name == "HTTP_COOKIE" else ", ") + value
         env[name] = value
+    return env
+
+
+def decode_params(data: bytes) -> dict:
+    """A whole FastCGI PARAMS stream -> what ``merge_params`` gives for its pairs, in one
+    pass over the bytes.
+
+    The ``params_decoder`` of spawnd-wsgi's connections (the per-request hot path): the
+    block is decoded as latin-1 once and each name and value is sliced out of that
+    string (latin-1 maps byte offsets to the same character offsets). Duplicates are
+    merged on the way: nginx configurations often send a name twice (``include
+    fastcgi_params`` followed by an override). A pair that runs past the end of the
+    stream: ProtocolError, from ``decode_pairs`` (so both decoders fail alike)."""
+    text = data.decode("latin-1")
+    env: dict = {}
+    end = len(data)
+    i = 0
+    try:
+        while i < end:
+            n = data[i]
+            if n < 128:
+                i += 1
+            else:
+                n = _U32(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            v = data[i]
+            if v < 128:
+                i += 1
+            else:
+                v = _U32(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            j = i + n
+            i = j + v
+            name = text[i - v - n:j]
+            if name in env and name[:5] == "HTTP_":
+                env[name] += ("; " if name == "HTTP_COOKIE" else ", ") + text[j:i]
+            else:
+                env[name] = text[j:i]
+    except (IndexError, struct.error):
+        i = end + 1
+    if i > end:
+        decode_pairs(data)          # raises the ProtocolError that names the fault
+        raise AssertionError("decode_pairs accepted a stream decode_params refused")
+    return env
+
+
+def build_environ(params, prefix: str | None = None) -> dict:
+    """``params``: a dict from ``decode_params`` (taken over, not copied), or an
+    iterable of (name, value) as bytes (FastCGI) or latin-1 str (CGI)."""
+    env = params if type(params) is dict else merge_params(params)
     ctype = env.pop("HTTP_CONTENT_TYPE", None)
     env.pop("HTTP_CONTENT_LENGTH", None)
     if ctype is not None and "CONTENT_TYPE" not in env:
