@@ -417,3 +417,27 @@ def test_bench_spawn_smoke():
             if line.startswith("| ")}
     assert set(rows) >= {"2", "median", "p99", "CPU time, ms"}, out.stdout
     assert "n/a" not in rows["2"] and "n/a" not in rows["median"], out.stdout + out.stderr
+
+
+# ---- the WSGI benchmark still runs -----------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_wsgi_smoke():
+    """One short cell per server: every column measured (a server that failed its answer
+    check or did not start would show as missing or with errors), and the system call
+    counts present."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(os.path.dirname(here), "benchmarks", "bench_wsgi.py")
+    out = subprocess.run([sys.executable, script, "--quick", "--duration", "1", "--cases", "hello",
+                          "--strace-requests", "50"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| hello, connection per request |")]
+    rps, cpu = rows[0], rows[1]
+    for cell in rps[1:5]:           # spawnd-wsgi, flup, uWSGI, nginx alone: req/s
+        assert cell.replace(",", "").isdigit() and int(cell.replace(",", "")) > 0, rps
+    assert all(cell.endswith("x") for cell in rps[5:7]), rps
+    assert all("/" in cell for cell in cpu[1:5]), cpu
+    calls = {row[1]: float(row[2]) for row in rows[2:] if len(row) == 4}
+    assert set(calls) == {"spawnd-wsgi", "flup", "uWSGI"}, out.stdout
+    assert all(n > 0 for n in calls.values()), calls
