@@ -22,10 +22,10 @@ Threads and who owns what
   siblings.
 * Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
   to the thread that runs the application: with ``--threads 1`` the loop or the
-  acceptor (one at a time: ``_app_lock``), else a worker. That thread reads STDIN from the socket only when the application reads
-  ``wsgi.input`` (the socket buffer is the backpressure: memory stays bounded however
-  large the upload), writes the response, and hands the connection back (re-arming its
-  EPOLLONESHOT registration) or closes it.
+  acceptor (one at a time: ``_app_lock``), else a worker. That thread reads STDIN from
+  the socket only when the application reads ``wsgi.input`` (the socket buffer is the
+  backpressure: memory stays bounded however large the upload), writes the response,
+  and hands the connection back (re-arming its EPOLLONESHOT registration) or closes it.
 """
 from __future__ import annotations
 
