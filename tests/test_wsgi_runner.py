@@ -322,6 +322,27 @@ def test_application_errors(appdir):
         wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
 
 
+@pytest.mark.parametrize("size", [10, 100_000])
+def test_a_str_body_is_an_application_error_on_either_write_path(appdir, size):
+    """PEP 3333 bodies are bytes. A str is refused before anything reaches the wire,
+    in one record or split over several (large): a 500, the request ended once, and
+    the kept connection still serves."""
+    write_app(appdir, "str_app", f"""
+        def application(environ, start_response):
+            if environ["PATH_INFO"] == "/hello":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"hello"]
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return ["x" * {size}]
+    """)
+    with Runner(appdir, "str_app") as r:
+        ex = Exchange(r.path)
+        out, _, end = ex.request(cgi_params("/str"), keep_conn=True)
+        assert split_cgi(out)[0] == 500 and end.app_status == 0, out[:200]
+        assert split_cgi(ex.request(cgi_params("/hello"), keep_conn=True)[0])[2] == b"hello"
+        wait_until(lambda: "TypeError" in r.stderr(), 5, "the traceback")
+
+
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_close_raising_after_a_complete_response_is_logged_not_fatal(appdir, threads):
     """The response was already ended when close() raised: no second END_REQUEST."""
