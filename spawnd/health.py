@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import platform
 
 # System call numbers by machine: (accept, accept4) and the calls that only wait.
 _SYSCALLS = {
@@ -27,7 +26,7 @@ _SYSCALLS = {
         "wait": {260, 95, 98, 73, 72, 22, 441, 133, 137},
     },
 }
-_NUMBERS = _SYSCALLS.get(platform.machine())
+_NUMBERS = _SYSCALLS.get(os.uname().machine)   # what platform.machine() returns on Linux
 
 
 def supported() -> bool:
