@@ -405,7 +405,8 @@ class _Context:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
-            self.errors.append(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}){matched}")
+            self.errors.append(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}"
+                               f" at offset {e.start}){matched}")
             return None
         # libyaml (CSafeLoader) composes ~10x faster; when it rejects a file, the pure-Python
         # parser reads it again because its messages are more precise (it names the tab).
@@ -1127,7 +1128,7 @@ def load(path: str) -> Config:
     for inc in sorted(includes):
         if os.path.realpath(inc) != main_real:
             files.append(inc)
-            _file(ctx, inc, False, daemon.where.get('include', main), pools)
+            _file(ctx, inc, False, daemon.where.get("include", main), pools)
 
     by_slot: dict[tuple, list[Pool]] = {}      # only pools in one slot can clash
     for pool, _ in pools.values():

@@ -117,7 +117,7 @@ def decode_params(data: bytes) -> dict:
                 i += 4
             j = i + n
             i = j + v
-            name = text[i - v - n:j]
+            name = text[j - n:j]
             if name in env and name[:5] == "HTTP_":
                 env[name] += ("; " if name == "HTTP_COOKIE" else ", ") + text[j:i]
             else:
