@@ -488,10 +488,13 @@ class Server:
                     kicked = now
                     with self._gate:
                         self._gate.notify_all()
-                    try:
-                        signal.pthread_kill(acceptor.ident, KICK)
-                    except (ProcessLookupError, OSError):
-                        pass
+                        # Not while it serves a request itself: the signal would hit
+                        # application code; it stops accepting once that request is done.
+                        if not self._acceptor_serving:
+                            try:
+                                signal.pthread_kill(acceptor.ident, KICK)
+                            except (ProcessLookupError, OSError):
+                                pass
                 if self._finished():
                     return
 
