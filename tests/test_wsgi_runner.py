@@ -322,6 +322,30 @@ def test_application_errors(appdir):
         wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
 
 
+@pytest.mark.parametrize("keep_conn", [False, True])
+def test_with_one_thread_the_application_runs_in_the_main_thread(appdir, keep_conn):
+    """--threads 1 promises the main thread: signal.signal() (request timeouts with
+    SIGALRM) and objects bound to the importing thread (sqlite3's check_same_thread)
+    work only there. Checked for a new connection per request and a kept one."""
+    write_app(appdir, "main_thread_app", """
+        import signal
+        import threading
+
+        def application(environ, start_response):
+            old = signal.signal(signal.SIGALRM, signal.SIG_IGN)   # main thread only
+            signal.signal(signal.SIGALRM, old)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [str(threading.current_thread() is threading.main_thread()).encode()]
+    """)
+    with Runner(appdir, "main_thread_app") as r:
+        ex = Exchange(r.path)
+        for _ in range(3):
+            if not keep_conn:
+                ex = Exchange(r.path)
+            out, _, end = ex.request(cgi_params("/"), keep_conn=keep_conn)
+            assert split_cgi(out)[:3:2] == (200, b"True"), (out, r.stderr())
+
+
 @pytest.mark.parametrize("size", [10, 100_000])
 def test_a_str_body_is_an_application_error_on_either_write_path(appdir, size):
     """PEP 3333 bodies are bytes. A str is refused before anything reaches the wire,

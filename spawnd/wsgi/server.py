@@ -6,11 +6,9 @@ Threads and who owns what
   between requests, on connections being drained before close, and on the signal
   wake-up pipe. It reads an idle connection only when it is readable (``MSG_DONTWAIT``),
   so an idle keep-alive connection never holds it up.
-* The **acceptor** thread blocks in ``accept4()`` on the listening socket and reads
-  each new connection once without waiting. A request that came with the connection is
-  served by the acceptor itself when the loop is idle (``--threads 1``) or queued for a
-  worker; otherwise the acceptor registers the connection in the epoll set (epoll is
-  thread-safe in the kernel) for the loop. See ``_adopt``. The listening socket
+* The **acceptor** thread blocks in ``accept4()`` on the listening socket and registers
+  each new connection in the epoll set itself (epoll is thread-safe in the kernel): no
+  queue, no wake-up write, no extra system call per connection. The listening socket
   stays exactly as it was given (blocking, shared with sibling processes): nothing here
   changes its flags, and blocking in ``accept()`` cannot race with a sibling the way
   select-then-accept does. ``accept4`` is called through ctypes, because Python's
@@ -21,11 +19,11 @@ Threads and who owns what
   KICK_DELAY (see ``_accept_loop``): a full runner leaves new connections to its idle
   siblings.
 * Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
-  to the thread that runs the application: with ``--threads 1`` the loop or the
-  acceptor (one at a time: ``_app_lock``), else a worker. That thread reads STDIN from
-  the socket only when the application reads ``wsgi.input`` (the socket buffer is the
-  backpressure: memory stays bounded however large the upload), writes the response,
-  and hands the connection back (re-arming its EPOLLONESHOT registration) or closes it.
+  to the thread that runs the application: the loop itself with ``--threads 1``, else a
+  worker. That thread reads STDIN from the socket only when the application reads
+  ``wsgi.input`` (the socket buffer is the backpressure: memory stays bounded however
+  large the upload), writes the response, and hands the connection back (re-arming its
+  EPOLLONESHOT registration) or closes it.
 """
 from __future__ import annotations
 
@@ -161,7 +159,7 @@ class Conn:
         self.drained = 0
         self.eof = False
         self.pending = b""          # automatic replies the peer has not taken yet
-        self.mask = mask            # the connection's epoll registration (0: none yet)
+        self.mask = mask            # the connection's epoll registration
 
     def feed(self, data: bytes) -> None:
         """Protocol input; automatic replies (GET_VALUES, refusals) are sent without
@@ -257,11 +255,6 @@ class Server:
         self._full_since = 0.0      # when _in_app last reached --threads
         self._work: queue.SimpleQueue | None = None
         self._acceptor: threading.Thread | None = None
-        self._acceptor_id = 0       # its threading.get_ident()
-        self._acceptor_serving = False  # it runs a request itself (see _dispatch)
-        # --threads 1: the loop and the acceptor take turns on the application
-        self._app_lock = threading.RLock() if threads == 1 else None
-        self._loop_waiting = False  # the loop is inside epoll.poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -311,8 +304,6 @@ class Server:
         self._stop_event.set()      # starts the --graceful-timeout watchdog
         if reason:
             log(reason)
-        if threading.current_thread() is not threading.main_thread():
-            self._wake()            # the loop may be waiting in epoll with nothing due
 
     def _watchdog(self) -> None:
         """Enforces --graceful-timeout from its own thread, because the thread that
@@ -342,7 +333,6 @@ class Server:
         became full, interrupts it (EINTR) and it looks again. Requests faster than
         KICK_DELAY never park it, so the hot path costs no signal and no thread
         hand-off; a slow request holds no waiting accept()."""
-        self._acceptor_id = threading.get_ident()
         try:
             self._kick_timer = ThreadTimer(KICK, threading.get_native_id())
         except OSError as exc:
@@ -405,25 +395,10 @@ class Server:
                 conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
                                                    max_reqs=1, mpxs_conns=False,
                                                    roles=self._roles,
-                                                   params_decoder=decode_params), 0)
-                conn.busy = True    # the acceptor's until served or handed to the loop
+                                                   params_decoder=decode_params),
+                            self._arm)
                 self.conns[fd] = conn
-                # The web server writes its request right after connect(), so it is
-                # usually here already. With --threads 1 this thread serves it itself
-                # (see _dispatch), skipping a trip through the epoll set and a thread
-                # hand-off, but only while the loop is idle: if the loop has work, the
-                # two would take turns on the application (and the GIL), so the loop
-                # gets the connection. Worker threads take requests from either.
-                lock = self._app_lock
-                if lock is None:
-                    self._on_readable(conn)
-                elif self._loop_waiting and lock.acquire(blocking=False):
-                    try:
-                        self._on_readable(conn)
-                    finally:
-                        lock.release()
-                else:
-                    self._idle(conn)
+                self.epoll.register(fd, self._arm)
                 return
         except OSError as exc:
             log(f"dropping a new connection: {exc}")
@@ -454,10 +429,7 @@ class Server:
                 timeout = max(0.0, first - now)
             if self.stopping:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
-            self._loop_waiting = True
-            ready = self.epoll.poll(timeout)
-            self._loop_waiting = False
-            for fd, mask in ready:
+            for fd, mask in self.epoll.poll(timeout):
                 if fd == self._wake_r:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -488,13 +460,10 @@ class Server:
                     kicked = now
                     with self._gate:
                         self._gate.notify_all()
-                        # Not while it serves a request itself: the signal would hit
-                        # application code; it stops accepting once that request is done.
-                        if not self._acceptor_serving:
-                            try:
-                                signal.pthread_kill(acceptor.ident, KICK)
-                            except (ProcessLookupError, OSError):
-                                pass
+                    try:
+                        signal.pthread_kill(acceptor.ident, KICK)
+                    except (ProcessLookupError, OSError):
+                        pass
                 if self._finished():
                     return
 
@@ -523,7 +492,7 @@ class Server:
         try:
             data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return self._idle(conn)
+            return self._rearm(conn)
         except OSError:
             return self._close(conn)
         try:
@@ -544,51 +513,25 @@ class Server:
             # A request refused or aborted before it began, without FCGI_KEEP_CONN:
             # its END_REQUEST ends the connection too.
             return self._close(conn, graceful=True)
-        self._idle(conn)
+        self._rearm(conn)
 
     def _dispatch(self, conn: Conn) -> None:
-        """Run a complete request: in this thread with --threads 1, else on a worker.
-
-        The thread may be the acceptor (a new connection whose request came with it):
-        then it serves the request itself, so a connection per request costs no
-        hand-off between threads, and accepts nothing meanwhile (the listen queue is
-        left to idle siblings). The KICK signal is meant for its accept4() only, never
-        for application code: while it serves, no kick is armed and a pending one is
-        cancelled."""
         conn.busy = True
-        inline = self._work is None and threading.get_ident() == self._acceptor_id
-        timer = self._kick_timer
         with self._gate:
             self._in_app += 1
             full = self._in_app >= self.threads
-            if inline:
-                self._acceptor_serving = True
-                if timer is not None and self._kick_at > time.monotonic():
-                    self._kick_at = 0.0
-                    timer.arm(0)            # disarms
-            elif full and timer is not None:
-                now = self._full_since = time.monotonic()
-                # else a kick is due already (spurious is fine), or pointless
-                if now >= self._kick_at and not self._acceptor_serving:
-                    self._kick_at = now + KICK_DELAY
-                    timer.arm(KICK_DELAY)
+        if full and self._kick_timer is not None:
+            now = self._full_since = time.monotonic()
+            if now >= self._kick_at:        # else a kick is due already (spurious is fine)
+                self._kick_at = now + KICK_DELAY
+                self._kick_timer.arm(KICK_DELAY)
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
         if self._work is not None:
             self._work.put(conn)
-        elif inline:
-            try:
-                self._run(conn)
-            finally:
-                self._acceptor_serving = False
         else:
             self._run(conn)
-
-    def _idle(self, conn: Conn) -> None:
-        """The connection waits for input: the loop watches it from now on."""
-        conn.busy = False
-        self._rearm(conn)
 
     def _rearm(self, conn: Conn) -> None:
         if not self._rearm_any(conn):
@@ -628,10 +571,7 @@ class Server:
         want = self._arm | select.EPOLLOUT if conn.pending else self._arm
         if want != conn.mask or want & select.EPOLLONESHOT:
             try:
-                if conn.mask:
-                    self.epoll.modify(conn.fd, want)
-                else:               # served by the acceptor, never watched yet
-                    self.epoll.register(conn.fd, want)
+                self.epoll.modify(conn.fd, want)
             except OSError:
                 return False
             conn.mask = want
@@ -674,11 +614,7 @@ class Server:
         (finishing the other requests in flight) and serve() re-raises it, so the process
         exits with its status whatever --threads is, and spawnd starts a replacement."""
         try:
-            if self._app_lock is None:
-                self._serve_conn(conn)
-            else:                   # --threads 1 (re-entered by the acceptor: _adopt)
-                with self._app_lock:
-                    self._serve_conn(conn)
+            self._serve_conn(conn)
         except BaseException as exc:
             self._close(conn)
             if isinstance(exc, (SystemExit, KeyboardInterrupt)):
