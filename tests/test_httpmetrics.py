@@ -18,6 +18,7 @@ from spawnd.httpmetrics import CONTENT_TYPE, MAX_HEAD, MetricsServer
 from spawnd.listen import ListenError
 from spawnd.metrics import exposition
 from spawnd.supervisor import Loop, Supervisor
+from support.proc import run_until
 
 SAMPLE = """\
 # HELP spawnd_pool_up 1 when the pool runs all its desired children
@@ -31,18 +32,6 @@ spawnd_child_cpu_seconds_total{pool="php",pid="42"} 1.25
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def run_until(loop: Loop, condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    guard = loop.call_later(timeout, lambda: None)      # wakes the loop at the deadline
-    try:
-        while not condition():
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            loop.run_once()
-    finally:
-        guard.cancel()
-
-
 @pytest.fixture
 def pool():
     with concurrent.futures.ThreadPoolExecutor(8) as ex:

@@ -13,6 +13,7 @@ import pytest
 from spawnd.probe import Probe
 from spawnd.supervisor import Loop
 from support import hangfcgi
+from support.proc import run_until
 
 # Answers 200 only when the CGI parameters are what a web server sends for
 # GET /ping?x=1 (plus X_EXTRA from the probe's params); else "500 bad NAME=value".
@@ -45,20 +46,6 @@ class Result:
     def one(self) -> tuple[bool, str, float]:
         assert len(self.calls) == 1, f"on_done called {len(self.calls)} times: {self.calls}"
         return self.calls[0]
-
-
-def run_until(loop: Loop, condition, timeout: float = 10.0, what: str = "condition"):
-    """Run the loop until condition() is true; fail after timeout saying what was seen."""
-    deadline = time.monotonic() + timeout
-    guard = loop.call_later(timeout, lambda: None)      # wakes the loop at the deadline
-    try:
-        while not condition():
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                     f"loop has {len(loop.selector.get_map())} fd(s)")
-            loop.run_once()
-    finally:
-        guard.cancel()
 
 
 def probe(loop, address, uri="/", params=None, timeout=5.0, expect=200) -> Result:
@@ -200,7 +187,7 @@ def test_refused_addresses(loop, tmp_path):
 
 def test_full_unix_queue_fails_at_once(loop, tmp_path):
     """A non-blocking connect to a Unix listener whose queue is full fails with EAGAIN."""
-    with unix_listener(tmp_path / "full.sock", backlog=0) as listener:
+    with unix_listener(tmp_path / "full.sock", backlog=0):
         fillers = []
         try:
             while True:

@@ -243,3 +243,19 @@ def in_accept(pid: int) -> bool:
         return call is not None and _waits_on_fd0(pid, *call)
     except (FileNotFoundError, ProcessLookupError, OSError):
         return False
+
+
+def run_until(loop, condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Run a spawnd event loop (spawnd.supervisor.Loop) until condition() is true; fail
+    after timeout saying what was awaited. A timer at the deadline wakes the loop, so
+    a loop with nothing to do still returns to check."""
+    deadline = time.monotonic() + timeout
+    guard = loop.call_later(timeout, lambda: None)
+    try:
+        while not condition():
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                                     f"loop has {len(loop.selector.get_map())} fd(s)")
+            loop.run_once()
+    finally:
+        guard.cancel()
