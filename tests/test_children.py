@@ -5,7 +5,6 @@ import grp
 import os
 import pwd
 import re
-import resource
 import signal
 import subprocess
 import time

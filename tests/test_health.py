@@ -3,7 +3,6 @@ queue-driven scaling and the Prometheus endpoint. Children are tests/support/han
 a FastCGI program that can be made to hang, be slow or hold requests."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -60,7 +59,7 @@ def test_probe_detects_a_hang_and_the_pool_recovers(tmp_path, pub, public_python
             _in_background(address, "/hang", timeout=60)
         d.wait_line("app: unhealthy after 2 failed probes", timeout=10)
         d.wait_line("app: healthy again", timeout=15)
-        now = wait_for(lambda: (lambda c: c if len(c) == 2 and not set(c) & set(hung) else None)(
+        wait_for(lambda: (lambda c: c if len(c) == 2 and not set(c) & set(hung) else None)(
             d.children("app")), timeout=10, what="both stuck children replaced")
         p = status(d, "app")["pools"][0]
         assert p["health"] == "healthy" and p["replacements"]["probe"] == 2, p

@@ -7,7 +7,6 @@ what prevents them."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 
