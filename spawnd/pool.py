@@ -416,18 +416,21 @@ class Pool:
         self._probe_timer = self.loop.call_later(pr.interval, self._run_probe)
         self._changed()
 
-    def sample_queue(self) -> dict:
-        """Read the listen queue's depth from the kernel; keep the maximum seen and how
-        often it was full."""
+    def sample_queue(self, count: bool = True) -> dict:
+        """Read the listen queue's depth from the kernel and keep the maximum seen. Only
+        the sample_interval timer counts (``count``): "samples" and how many found the
+        queue full are a rate, which `status` calls and scaling checks must not skew."""
         try:
             depth, backlog = queuemod.depth(self.bound.sock)
         except OSError:
             return self.queue
         q = self.queue
-        q["depth"], q["backlog"], q["samples"] = depth, backlog, q["samples"] + 1
+        q["depth"], q["backlog"] = depth, backlog
         q["max"] = max(q["max"], depth)
-        if backlog and depth >= backlog:
-            q["full"] += 1
+        if count:
+            q["samples"] += 1
+            if backlog and depth >= backlog:
+                q["full"] += 1
         return q
 
     def _scale(self) -> None:
@@ -439,7 +442,7 @@ class Pool:
             return
         procs = self.config.processes
         now = time.monotonic()
-        waiting = self.sample_queue()["depth"]
+        waiting = self.sample_queue(count=False)["depth"]
         live = self.live_children()
         starting = any(c.state == "starting" for c in live)
         if waiting and not starting and self.retry_at is None and self.desired < procs.max:
@@ -640,7 +643,7 @@ class Pool:
             "last_error": self.last_error,
             "min": self.config.processes.min,
             "max": self.config.processes.max,
-            "queue": dict(self.sample_queue()),
+            "queue": dict(self.sample_queue(count=False)),
             "health": self.health,
             "probe": self.last_probe,
             "children": [c.status(now, snapshot) for c in sorted(self.children.values(),

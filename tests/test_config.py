@@ -272,7 +272,7 @@ def test_forms_of_values(tmp_path):
     assert (str(b.listen), b.listen.family) == ("tcp:0.0.0.0:9001", socket.AF_INET)
     assert b.processes == Processes(1, 4)                # min defaults to 1
     assert b.stop == Stop(signal.SIGQUIT, 0.25)
-    assert c.command == ("/usr/bin/cat",)                # found on PATH; the relative "bin" is skipped
+    assert c.command == ("/usr/bin/cat",)                # resolved through the pool's PATH
     assert c.processes == Processes(0, 0)
     assert c.listen.host in ("127.0.0.1", "::1")          # resolved at load time
 

@@ -133,6 +133,7 @@ def test_queue_depth_is_exact(tmp_path, pub, public_python, kind):
                              if kind == "tcp" else "    processes: 2\n")
     if kind == "tcp":
         cfg = cfg.replace('    socket: {mode: "0666"}\n', "")
+    cfg += "spawnd:\n  sample_interval: 1h\n"     # no periodic sample during the test
     with Spawnd(tmp_path, cfg) as d:
         d.start()
         pids = d.wait_children("app", 2)
@@ -146,6 +147,9 @@ def test_queue_depth_is_exact(tmp_path, pub, public_python, kind):
                  what="5 connections queued",)
         q = status(d, "app")["pools"][0]["queue"]
         assert q["depth"] == 5 and q["max"] >= 5 and q["backlog"] >= 64, q
+        # status shows the live depth but is no sample: the rate counters are the
+        # sample_interval timer's alone, and it has not fired yet (1h).
+        assert (q["samples"], q["full"]) == (0, 0), q
         trigger.unlink()
         wait_for(lambda: status(d, "app")["pools"][0]["queue"]["depth"] == 0,
                  what="queue drained")
