@@ -15,6 +15,7 @@ from spawnd.fastcgi.client import (ConnectError, FastCGIError, build_params, get
                                    parse_address, parse_cgi_response, request)
 from spawnd.fastcgi.protocol import (CANT_MPX_CONN, END_REQUEST, STDOUT, Request,
                                      ServerConnection, StdinData, StdinEnd, encode_record)
+from support.proc import free_port, wait_for
 
 PHP_SCRIPT = r"""<?php
 if (isset($_GET['code'])) { http_response_code((int)$_GET['code']); }
@@ -41,14 +42,6 @@ cat
 """
 
 
-def wait_for(condition, timeout: float, what: str, seen=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; saw: {seen()}")
-        time.sleep(0.01)
-
-
 def answers(family: int, address) -> bool:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
@@ -58,17 +51,13 @@ def answers(family: int, address) -> bool:
             return False
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(argv, log, env, ready, name):
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
     try:
-        wait_for(lambda: proc.poll() is not None or ready(), 10, f"{name} to listen",
-                 lambda: f"exit code {proc.poll()}, log: {log.name}")
+        try:
+            wait_for(lambda: proc.poll() is not None or ready(), 10, what=f"{name} to listen")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; exit code {proc.poll()}, log: {log.name}") from None
         if proc.poll() is not None:
             log.flush()
             raise AssertionError(f"{name} exited {proc.returncode}: "

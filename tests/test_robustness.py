@@ -12,12 +12,7 @@ import psutil
 import pytest
 
 from support.daemon import Spawnd, ctl, status
-from support.proc import wait_for
-
-
-def _cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+from support.proc import cpu_ticks, wait_for
 
 
 def _cgi(pub, name="w", extra=""):
@@ -131,9 +126,9 @@ def test_a_client_that_floods_and_never_reads_does_not_spin_or_bloat_spawnd(tmp_
                 f.send(junk)
             except BlockingIOError:
                 break
-        t0 = _cpu_ticks(d.pid)
+        t0 = cpu_ticks(d.pid)
         time.sleep(1.0)     # CPU over a fixed window is what is measured here
-        used = _cpu_ticks(d.pid) - t0
+        used = cpu_ticks(d.pid) - t0
         assert used <= 10, f"spawnd used {used} ticks in 1 s with idle stuck clients: spinning"
         assert psutil.Process(d.pid).memory_info().rss < 80 * 2**20
         assert status(d, "w")["pools"][0]["running"] == 1     # others are still served

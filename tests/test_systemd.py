@@ -18,6 +18,7 @@ import pytest
 
 from spawnd import systemd
 from spawnd.log import log
+from support.proc import free_port, wait_for
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,12 +305,6 @@ ACTIVATED = textwrap.dedent("""
                               "address": info.address, "cloexec": not os.get_inheritable(fd)})
     print(json.dumps(out), flush=True)
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_listen_fds_through_systemd_socket_activate(tmp_path):
@@ -634,24 +629,19 @@ def test_daemon_under_socket_activation_by_name_and_address_reload_and_watchdog(
         # connection waits in the queue and is answered by the 'named' pool's child.
         client = socket.socket(socket.AF_UNIX)
         client.settimeout(15)
-        for _ in range(500):
-            try:
-                client.connect(a)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                time.sleep(0.01)
+        wait_for(lambda: client.connect_ex(a) == 0, 10, what=f"{a} to accept a connection")
         client.sendall(b"ping")
         seen = collect(listener, lambda t: t.startswith("READY=1"))
         assert "STATUS=2 pool(s), 2/2 children running" in seen[-1][0], seen
         assert client.recv(100) == b"pong"
         client.close()
-        pools = {}
-        for _ in range(100):
+
+        def each_pool_has_a_child():
             out = subprocess.run([sys.executable, "-m", "spawnd.ctl", "-s", admin, "status",
-                                  "--json"], capture_output=True, text=True)
+                                  "--json"], capture_output=True, text=True, check=True)
             pools = {p["name"]: p for p in json.loads(out.stdout)["pools"]}
-            if all(p["children"] for p in pools.values()):
-                break
+            return pools if all(p["children"] for p in pools.values()) else None
+        pools = wait_for(each_pool_has_a_child, 10, what="a child in each pool")
         for name, path in (("named", a), ("byaddr", b)):
             [child] = [c["pid"] for c in pools[name]["children"]]
             assert socket_inode(child, 0) == unix_listener_inode(path), name

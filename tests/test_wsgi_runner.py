@@ -15,6 +15,7 @@ import pytest
 from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, PARAMS,
                                      STDIN, STDOUT, UNKNOWN_ROLE, ClientConnection, EndRequest,
                                      GetValuesResult, Stdout, encode_pairs, encode_record)
+from support.proc import cpu_ticks
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
 
@@ -669,11 +670,6 @@ def test_a_busy_runner_leaves_new_connections_to_an_idle_sibling(appdir, tmp_pat
         assert a.stop() == 0 and b.stop() == 0
 
 
-def _cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
-
-
 def test_a_non_blocking_listening_socket_does_not_make_it_spin(appdir, tmp_path):
     path = str(tmp_path / "nb.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -683,9 +679,9 @@ def test_a_non_blocking_listening_socket_does_not_make_it_spin(appdir, tmp_path)
     with listener, Runner(appdir, "apps:hello", listener=listener) as r:
         for _ in range(3):
             assert b"hello" in Exchange(path, timeout=5).request(cgi_params("/"))[0]
-        t0 = _cpu_ticks(r.proc.pid)
+        t0 = cpu_ticks(r.proc.pid)
         time.sleep(1.0)                 # a fixed window to measure idle CPU in
-        ticks = _cpu_ticks(r.proc.pid) - t0
+        ticks = cpu_ticks(r.proc.pid) - t0
         assert ticks <= 10, f"{ticks} clock ticks of CPU in 1 s while idle: spinning"
         wait_until(lambda: "non-blocking" in r.stderr(), 5, "the warning")
         assert b"hello" in Exchange(path, timeout=5).request(cgi_params("/"))[0]

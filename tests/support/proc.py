@@ -259,3 +259,9 @@ def run_until(loop, condition, timeout: float = 10.0, what: str = "condition") -
             loop.run_once()
     finally:
         guard.cancel()
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of pid so far, in clock ticks (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
