@@ -238,7 +238,8 @@ class Supervisor:
             import traceback    # only here: it costs ~2 ms of every start-up
             log.error("internal error, stopping every child:\n" + traceback.format_exc())
             self._kill_everything()
-            self._reap_all(5.0)
+            self._kill_orphans()        # they left their groups: killpg missed them
+            reap_children(5.0)
             self.exit_code = 70
         self._kill_orphans()
         if self.admin is not None:
@@ -399,15 +400,6 @@ class Supervisor:
         for pool in self.pools.values():
             pool.wanted = False             # nothing restarts what is being killed
             pool.kill_all()
-
-    def _reap_all(self, timeout: float) -> None:
-        """Wait (bounded) until every process group of every pool has gone."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(-1, 0)
-            except ChildProcessError:
-                return
 
     def _kill_orphans(self) -> None:
         """Processes that left their group (setsid) and outlived their parent became our
@@ -684,3 +676,25 @@ def _set_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.warning("cannot become a child subreaper: orphaned grandchildren escape")
+
+
+def reap_children(timeout: float) -> None:
+    """Reap our children until none is left or timeout passes. SIGCHLD is blocked
+    meanwhile and waited for with sigtimedwait, so the wait is bounded (a blocking
+    waitpid would wait forever for a child that ignores the kill) and polls nothing."""
+    deadline = time.monotonic() + timeout
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            signal.sigtimedwait({signal.SIGCHLD}, left)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

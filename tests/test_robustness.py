@@ -6,6 +6,9 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import psutil
@@ -235,3 +238,24 @@ def test_readding_a_pool_that_is_still_stopping_is_refused(tmp_path, pub, stubbo
         assert len(d.wait_children("slow", 1, exclude=[pid])) == 1
         assert (pub / "slow.sock").exists()     # bound afresh by the re-added pool
         assert d.stop() == 0
+
+
+def test_reaping_children_at_an_internal_error_is_bounded_and_waits_for_each_exit():
+    """The internal-error path reaps with reap_children(): it returns as soon as the last
+    child is reaped, and at its timeout when one never exits (a blocking waitpid hung)."""
+    code = textwrap.dedent("""
+        import json, subprocess, sys, time
+        from spawnd.supervisor import reap_children
+        quick = [subprocess.Popen(["true"]), subprocess.Popen(["sleep", "0.3"])]
+        t = time.monotonic(); reap_children(5.0); all_reaped = time.monotonic() - t
+        stuck = subprocess.Popen(["sleep", "30"])
+        t = time.monotonic(); reap_children(0.5); bounded = time.monotonic() - t
+        alive = stuck.poll() is None
+        stuck.kill(); stuck.wait()
+        print(json.dumps([all_reaped, bounded, alive]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    all_reaped, bounded, alive = json.loads(out.stdout)
+    assert 0.25 <= all_reaped < 3.0, all_reaped      # waited for the 0.3 s child, no longer
+    assert 0.45 <= bounded < 3.0 and alive, (bounded, alive)
