@@ -84,8 +84,7 @@ class Pool:
         self.children: dict[int, childmod.Child] = {}
         self.lingering: dict[int, object] = {}   # pgid -> SIGKILL timer, groups outliving their leader
         self.streak = 0                 # consecutive quick failures
-        self.retry_at: float | None = None
-        self._retry_timer = None
+        self._retry_timer = None        # the next start after a failure (backoff)
         self._pending_slots = 0         # clean-exit replacements waiting for their slot
         self.generation = 0             # children of older generations are replaced by restart
         self.rolling = False
@@ -223,6 +222,11 @@ class Pool:
 
     # ---- state ---------------------------------------------------------------------------
     @property
+    def retry_at(self) -> float | None:
+        """When the next start after a failure is due (time.monotonic()); None if none is."""
+        return None if self._retry_timer is None else self._retry_timer.when
+
+    @property
     def state(self) -> str:
         if not self.wanted:
             return STOPPING if self.children or self.lingering else STOPPED
@@ -284,7 +288,6 @@ class Pool:
         # Past 2**60 the product would only overflow: the cap has long been reached.
         delay = b.max if self.streak > 60 else min(b.initial * (2 ** (self.streak - 1)), b.max)
         self._cancel_retry()
-        self.retry_at = time.monotonic() + delay
         self._retry_timer = self.loop.call_later(delay, self._retry)
         if self.rolling:
             log.warning(f"{self.name}: rolling restart abandoned: a new child failed")
@@ -293,7 +296,6 @@ class Pool:
                     f"next start in {_fmt(delay)}")
 
     def _retry(self) -> None:
-        self.retry_at = None
         self._retry_timer = None
         self.manage()
         if any(c.generation < self.generation for c in self.children.values()):
@@ -304,7 +306,6 @@ class Pool:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
         self._retry_timer = None
-        self.retry_at = None
 
     def _advance_rolling(self) -> None:
         """One step of a rolling restart (called after every change while rolling)."""
