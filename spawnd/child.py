@@ -58,17 +58,25 @@ class Child:
     def pgid(self) -> int:
         return self.pid
 
-    def status(self, now: float, snapshot: "health.Snapshot") -> dict:
+    def status(self, now: float, snapshot: "health.Snapshot", window: bool = True) -> dict:
         """pid, state, uptime, RSS and CPU% over the child's whole process tree.
-        CPU% is measured since the previous status call (since start for the first)."""
+        CPU% is measured since the previous status call (since start for the first);
+        ``window=False`` (a metrics scrape, which has no use for it) leaves that window
+        to the status callers."""
         rss, cpu = snapshot.tree_usage(self.pid)
-        then, cpu_then = self._sample or (self.started, 0.0)
-        self._sample = (now, cpu)
-        wall = now - then
+        busy = self.cpu_percent("_sample", now, cpu) if window else None
         return {"pid": self.pid, "state": self.state, "uptime": round(now - self.started, 3),
                 "started": self.started_wall, "restarts": self.restarts, "rss": rss,
                 "cpu_seconds": round(cpu, 3),
-                "cpu_percent": round(100.0 * (cpu - cpu_then) / wall, 1) if wall > 0 else 0.0}
+                "cpu_percent": None if busy is None else round(busy, 1)}
+
+    def cpu_percent(self, window: str, now: float, cpu: float) -> float:
+        """CPU% of the tree (cpu: its CPU seconds now) since the previous call for the same
+        window attribute (status's ``_sample``, recycling's ``cpu_sample``), or since start;
+        then the window starts again."""
+        then, cpu_then = getattr(self, window) or (self.started, 0.0)
+        setattr(self, window, (now, cpu))
+        return 100.0 * (cpu - cpu_then) / (now - then) if now > then else 0.0
 
     def reaped(self, returncode: int) -> None:
         """Tell Popen the status we reaped, so it never waits for this pid itself."""

@@ -21,7 +21,7 @@ def exposition(supervisor) -> str:
 
     snapshot = Snapshot()
     for pool in supervisor.pools.values():
-        st = pool.status(snapshot)
+        st = pool.status(snapshot, window=False)   # leaves spawnctl status's CPU% window
         lp = {"pool": pool.name}
         add("spawnd_pool_up", "gauge", "1 when the pool runs all its desired children",
             lp, int(st["state"] == "running"))

@@ -196,12 +196,10 @@ class Pool:
             if ch.state != "running" or ch.generation < 0:
                 continue
             rss, cpu = snapshot.tree_usage(ch.pid)
-            then, cpu_then = ch.cpu_sample or (ch.started, 0.0)
-            ch.cpu_sample = (now, cpu)
+            busy = ch.cpu_percent("cpu_sample", now, cpu)
             if limits.max_rss and rss > limits.max_rss:
                 self.replace(ch, "rss")
-            elif limits.max_cpu and now > then:
-                busy = 100.0 * (cpu - cpu_then) / (now - then)
+            elif limits.max_cpu:
                 ch.cpu_over = ch.cpu_over + 1 if busy > limits.max_cpu else 0
                 if ch.cpu_over >= CPU_SAMPLES:
                     self.replace(ch, "cpu")
@@ -626,7 +624,8 @@ class Pool:
             _killpg(ch.pgid, signal.SIGCONT)
 
     # ---- status ---------------------------------------------------------------------------------
-    def status(self, snapshot: "health.Snapshot | None" = None) -> dict:
+    def status(self, snapshot: "health.Snapshot | None" = None, window: bool = True) -> dict:
+        """The pool and its children (``window``: see Child.status)."""
         now = time.monotonic()
         snapshot = snapshot or health.Snapshot()
         return {
@@ -647,8 +646,8 @@ class Pool:
             "queue": dict(self.sample_queue(count=False)),
             "health": self.health,
             "probe": self.last_probe,
-            "children": [c.status(now, snapshot) for c in sorted(self.children.values(),
-                                                      key=lambda c: c.started)],
+            "children": [c.status(now, snapshot, window) for c in sorted(self.children.values(),
+                                                              key=lambda c: c.started)],
         }
 
 
