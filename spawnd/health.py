@@ -2,8 +2,12 @@
 
 - Idle or busy: a thread blocked in accept()/accept4() on fd 0 is waiting for a request;
   /proc/PID/task/TID/syscall shows that system call and its first argument (the fd).
-  A child (its whole process group) is idle when some thread waits in accept(0) and no
-  thread does anything else than wait: for a client, a child process, a lock or an event.
+  An event-loop server (spawnd-wsgi) waits instead in epoll_wait() on an epoll set that
+  watches fd 0 among its connections; /proc/PID/fdinfo/EPFD lists the watched fds
+  ("tfd:"), so that counts as waiting for a request too.
+  A child (its whole process group) is idle when some thread waits for a request in one
+  of these ways and no thread does anything else than wait: for a client, a child
+  process, a lock or an event.
   Stopped tasks (SIGSTOP) keep showing the call they were in, which makes a race-free
   check possible: stop the group, look, then signal or continue it.
 - Resource use of a child's whole process tree (RSS, CPU seconds), from one pass over
@@ -20,10 +24,12 @@ _SYSCALLS = {
         # wait4 waitid futex poll ppoll select pselect6 epoll_wait epoll_pwait epoll_pwait2
         # rt_sigsuspend pause rt_sigtimedwait nanosleep? (no: a sleeping script is busy)
         "wait": {61, 247, 202, 7, 271, 23, 270, 232, 281, 441, 130, 34, 128},
+        "epoll": {232, 281, 441},       # epoll_wait epoll_pwait epoll_pwait2
     },
     "aarch64": {
         "accept": {202, 242},
         "wait": {260, 95, 98, 73, 72, 22, 441, 133, 137},
+        "epoll": {22, 441},             # epoll_pwait epoll_pwait2
     },
 }
 _NUMBERS = _SYSCALLS.get(os.uname().machine)   # what platform.machine() returns on Linux
@@ -110,19 +116,34 @@ def group_stopped(pids) -> bool:
     return True
 
 
+def epoll_watches_fd0(pid: int, epfd: int) -> bool:
+    """True when pid's fd epfd is an epoll set that watches pid's fd 0."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epfd}") as f:
+            for line in f:
+                if line.startswith("tfd:") and line.split(maxsplit=2)[1] == "0":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 def group_idle(pids) -> bool:
-    """True when some thread waits in accept(fd 0) and no thread is doing work."""
+    """True when some thread waits for a request (in accept(fd 0), or in epoll_wait on a
+    set that watches fd 0) and no thread is doing work."""
     if _NUMBERS is None:
         return False
-    accepts, waits = _NUMBERS["accept"], _NUMBERS["wait"]
-    in_accept = False
+    accepts, waits, epolls = _NUMBERS["accept"], _NUMBERS["wait"], _NUMBERS["epoll"]
+    waiting = False
     for pid in pids:
         for number, arg0 in _thread_syscalls(pid):
             if number in accepts and arg0 == 0:
-                in_accept = True
+                waiting = True
             elif number not in waits:
                 return False
-    return in_accept
+            elif number in epolls and not waiting and arg0 is not None:
+                waiting = epoll_watches_fd0(pid, arg0)
+    return waiting
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")

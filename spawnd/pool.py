@@ -21,9 +21,10 @@ Restart rules
 
 Retiring a child (stop, scale down, rolling restart, shutdown)
 - stop.when = idle (default): the child's process group is stopped with SIGSTOP and its
-  threads' system calls are read (health.group_idle). If it waits in accept() on fd 0 and
-  does nothing else, stop.signal is queued and the group continued: it dies before it can
-  accept another connection, and no request is cut. If it is busy it is continued and
+  threads' system calls are read (health.group_idle). If it waits in accept() on fd 0 (or
+  in epoll_wait() on a set that watches fd 0) and does nothing else, stop.signal is
+  queued and the group continued: it dies before it can accept another connection, and
+  no request is cut. If it is busy it is continued and
   looked at again 20 ms later. After half of stop.timeout it gets stop.signal anyway.
   When the child is single-threaded and the only process of its group accepting on the
   socket (fcgiwrap, php-cgi, libfcgi programs), spawnd instead traces it (ptrace) and kills
@@ -330,10 +331,10 @@ class Pool:
 
     # ---- health: readiness, probes, listen queue, scaling -----------------------------------
     def _check_started(self, ch, deadline: float) -> None:
-        """probe.ready: a child is ready once it waits in accept() on fd 0 (its start-up is
-        over) and then a probe of the pool passes. A probe through the shared socket
-        cannot pick one child, so the kernel's view of the child is what makes this exact;
-        the probe checks the pool answers. Past probe.start_timeout the start has failed."""
+        """probe.ready: a child is ready once it waits for a connection (health.group_idle:
+        its start-up is over) and then a probe of the pool passes. A probe through the
+        shared socket cannot pick one child, so the kernel's view of the child is what
+        makes this exact; the probe checks the pool answers. Past probe.start_timeout the start has failed."""
         if ch.pid not in self.children or ch.state != "starting":
             return
         if time.monotonic() > deadline:

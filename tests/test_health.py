@@ -222,3 +222,39 @@ def test_metrics_endpoint_parses_and_matches_status(tmp_path, pub, public_python
         exits = sum(v for (name, _), v in samples.items() if name == "spawnd_pool_exits_total")
         assert exits == 3, text
         assert d.stop() == 0
+
+
+def test_an_event_loop_runner_is_seen_waiting_and_busy(tmp_path, pub, public_python):
+    """spawnd-wsgi waits in epoll_wait (on a set that watches fd 0), not in accept():
+    probe.ready still sees it ready, and a runner inside a request is not idle."""
+    from spawnd import health
+    (pub / "loopapp.py").write_text(
+        "import os, time\n"
+        "def application(environ, start_response):\n"
+        "    while environ['PATH_INFO'] == '/hold' and os.path.exists(" + repr(str(pub / "hold")) + "):\n"
+        "        time.sleep(0.01)\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'pid=%d' % os.getpid()]\n")
+    (pub / "hold").write_text("")
+    python, env = public_python
+    cfg = f"""\
+pools:
+  py:
+    command: [{python}, -m, spawnd.wsgi.main, --chdir, {pub}, loopapp:application]
+    listen: unix:{pub}/py.sock
+    user: nobody
+    env: {{PYTHONPATH: {env["PYTHONPATH"]}}}
+    probe: {{uri: /ping, interval: 10s, ready: true, start_timeout: 10s}}
+"""
+    with Spawnd(tmp_path, cfg) as d:
+        d.start()
+        [pid] = d.wait_children("py", 1)
+        wait_for(lambda: status(d, "py")["pools"][0]["state"] == "running", timeout=10,
+                 what="the runner seen ready")
+        assert health.group_idle([pid])
+        held = _in_background(f"unix:{pub}/py.sock", "/hold")
+        wait_for(lambda: not health.group_idle([pid]), what="the runner busy in /hold")
+        (pub / "hold").unlink()
+        held.join(10)
+        wait_for(lambda: health.group_idle([pid]), what="the runner waiting again")
+        assert d.stop() == 0

@@ -1,29 +1,37 @@
-"""The FastCGI server: one epoll loop, one acceptor thread, optional worker threads.
+"""The FastCGI server: one epoll loop that also accepts, optional worker threads.
 
 Threads and who owns what
 -------------------------
-* The **loop** (the main thread) waits in ``epoll`` on every connection that is idle
-  between requests, on connections being drained before close, and on the signal
-  wake-up pipe. It reads an idle connection only when it is readable (``MSG_DONTWAIT``),
-  so an idle keep-alive connection never holds it up.
-* The **acceptor** thread blocks in ``accept4()`` on the listening socket and registers
-  each new connection in the epoll set itself (epoll is thread-safe in the kernel): no
-  queue, no wake-up write, no extra system call per connection. The listening socket
-  stays exactly as it was given (blocking, shared with sibling processes): nothing here
-  changes its flags, and blocking in ``accept()`` cannot race with a sibling the way
-  select-then-accept does. ``accept4`` is called through ctypes, because Python's
-  ``socket.accept`` retries EINTR in non-main threads: through ctypes a signal sent to
-  the acceptor (``pthread_kill``) interrupts a *waiting* accept without taking a
-  connection, so a stopping runner never accepts a connection it will not serve. It
-  stops accepting once ``--threads`` requests have been in the application for
-  KICK_DELAY (see ``_accept_loop``): a full runner leaves new connections to its idle
-  siblings.
+* The **loop** (the main thread) waits in ``epoll`` on the listening socket, on every
+  connection that is idle between requests, on connections being drained before close,
+  and on the signal wake-up pipe. It reads an idle connection only when it is readable
+  (``MSG_DONTWAIT``), so an idle keep-alive connection never holds it up.
+* **Accepting.** The listening socket is watched with ``EPOLLEXCLUSIVE``: when a
+  connection arrives the kernel wakes one of the processes *waiting* in ``epoll_wait``
+  on it, so a sibling busy in a request is passed over and an idle one takes the
+  connection. The socket stays exactly as it was given (blocking, shared with sibling
+  processes); nothing here changes its flags or options. A wake-up may still go to more
+  than one process, and then ``accept()`` on the blocking socket would wait for the
+  next connection: so ``accept4`` (through ctypes, which returns EINTR instead of
+  retrying like ``socket.accept``) runs under a one-shot POSIX timer that interrupts it
+  with a signal to this thread (KICK) after ACCEPT_BOUND. It is armed and disarmed
+  around each accept: two system calls, and no signal unless the call really waited.
+* With ``--threads N > 1`` the loop stops watching the listening socket while all N
+  threads are in the application, and watches it again when one is free: a connection
+  in the shared listen queue then goes to an idle sibling process instead of waiting
+  here, and the queue depth stays visible to spawnd's scaling. With ``--threads 1`` the
+  loop itself runs the application, so it is not in ``epoll_wait`` while busy and the
+  kernel passes it over by itself.
 * Once a connection has a complete FastCGI request (BEGIN_REQUEST + PARAMS), it belongs
   to the thread that runs the application: the loop itself with ``--threads 1``, else a
   worker. That thread reads STDIN from the socket only when the application reads
   ``wsgi.input`` (the socket buffer is the backpressure: memory stays bounded however
   large the upload), writes the response, and hands the connection back (re-arming its
   EPOLLONESHOT registration) or closes it.
+* Accepted sockets are blocking. Writes are tried with MSG_DONTWAIT first; only a
+  connection that has to wait (a response larger than the socket buffer, a body read
+  from the socket) gets the ``--io-timeout`` deadlines (SO_SNDTIMEO/SO_RCVTIMEO), once,
+  so a small request costs no ``setsockopt``.
 """
 from __future__ import annotations
 
@@ -60,8 +68,9 @@ ROLE_NAMES = {RESPONDER: "RESPONDER", AUTHORIZER: "AUTHORIZER"}   # the roles se
 PENDING_LIMIT = 1 << 16     # unsent automatic replies before a connection is closed
 FRESH_GRACE = 1.0           # at stop, seconds a new connection has to send its request
 
-KICK_DELAY = 0.005          # a request in the app this long makes a full runner stop accepting
-KICK = signal.SIGRTMIN + 1  # sent to the acceptor thread only, to interrupt accept4()
+ACCEPT_BOUND = 0.010        # longest wait in accept4() after a wake-up a sibling took
+ACCEPT_PAUSE = 0.1          # no accepting for this long after EMFILE, ENFILE, ENOBUFS, ENOMEM
+KICK = signal.SIGRTMIN + 1  # sent to the loop thread only, to interrupt accept4()
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _accept4 = _libc.accept4
@@ -75,22 +84,28 @@ _SIGEV_THREAD_ID = 4
 
 
 class ThreadTimer:
-    """A one-shot POSIX timer that sends ``signo`` to one thread (SIGEV_THREAD_ID).
+    """A one-shot POSIX timer of ``seconds`` that sends ``signo`` to one thread
+    (SIGEV_THREAD_ID).
 
-    The kernel does the waiting: arming costs one system call and no thread wakes up
-    unless the timer expires."""
+    The kernel does the waiting: starting or cancelling it costs one system call, and no
+    thread wakes up unless it expires."""
 
-    def __init__(self, signo: int, tid: int) -> None:
+    def __init__(self, signo: int, tid: int, seconds: float) -> None:
         # struct sigevent (64 bytes): sigev_value, sigev_signo, sigev_notify, _tid
         sev = struct.pack("qiii44x", 0, signo, _SIGEV_THREAD_ID, tid)
         self._id = ctypes.c_void_p()
         if _timer_create(time.CLOCK_MONOTONIC, sev, ctypes.byref(self._id)) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-    def arm(self, seconds: float) -> None:
         ns = int(seconds * 1e9)
-        spec = struct.pack("qqqq", 0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
-        _timer_settime(self._id, 0, spec, None)
+        # struct itimerspec: it_interval (0: one-shot), it_value
+        self._on = struct.pack("qqqq", 0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
+        self._off = bytes(32)
+
+    def start(self) -> None:
+        _timer_settime(self._id, 0, self._on, None)
+
+    def cancel(self) -> None:
+        _timer_settime(self._id, 0, self._off, None)
 
 
 def log(message: str) -> None:
@@ -102,7 +117,7 @@ def log(message: str) -> None:
 
 
 def _ignore(signum, frame) -> None:
-    """KICK's handler: its only job is to make the acceptor's accept4() fail with EINTR."""
+    """KICK's handler: its only job is to make a waiting accept4() fail with EINTR."""
 
 
 class ClientDisconnected(ConnectionError):
@@ -143,9 +158,10 @@ class RepliesUnread(OSError):
 
 class Conn:
     __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
-                 "draining", "deadline", "drained", "eof", "pending", "mask")
+                 "draining", "deadline", "drained", "eof", "pending", "mask", "timeval")
 
-    def __init__(self, sock: socket.socket, proto: ServerConnection, mask: int) -> None:
+    def __init__(self, sock: socket.socket, proto: ServerConnection, mask: int,
+                 timeval: bytes) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.proto = proto
@@ -160,6 +176,26 @@ class Conn:
         self.eof = False
         self.pending = b""          # automatic replies the peer has not taken yet
         self.mask = mask            # the connection's epoll registration
+        self.timeval = timeval      # --io-timeout as a struct timeval; None once set
+
+    def blocking(self) -> socket.socket:
+        """The socket, with the --io-timeout deadlines set on it (once) before a call
+        that may wait: a blocking recv of the body, the rest of a large response."""
+        if self.timeval is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
+            self.timeval = None
+        return self.sock
+
+    def sendall(self, data: bytes) -> None:
+        """Send everything: without waiting when the socket takes it all (the usual
+        case), else the rest blocking, under the I/O timeout. OSError propagates."""
+        try:
+            n = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        if n < len(data):
+            self.blocking().sendall(memoryview(data)[n:])
 
     def feed(self, data: bytes) -> None:
         """Protocol input; automatic replies (GET_VALUES, refusals) are sent without
@@ -209,7 +245,7 @@ class FcgiSink:
         if conn.pending:            # automatic replies the peer has not taken yet
             out, conn.pending = conn.pending + out, b""
         try:
-            conn.sock.sendall(out)
+            conn.sendall(out)
         except OSError as exc:
             conn.eof = True
             raise PeerGone() from exc
@@ -236,6 +272,9 @@ class Server:
         self.stopping = False
         self.conns: dict[int, Conn] = {}
         self.epoll = select.epoll()
+        self._lfd = listener.fileno()
+        self._listening = False     # the listening socket is in the epoll set
+        self._paused_until = 0.0    # after EMFILE & co: accept again at this time
         self._arm = select.EPOLLIN | (select.EPOLLONESHOT if threads > 1 else 0)
         self._draining: set[Conn] = set()
         self._lock = threading.Lock()
@@ -246,15 +285,9 @@ class Server:
                                        run_once=False)
         self._exit: BaseException | None = None
         self._stop_event = threading.Event()
-        self._poller = None         # only if the listening socket is non-blocking
-        self._gate = threading.Condition(threading.Lock())
-        self._in_app = 0            # connections dispatched and not yet done
-        self._parked = False        # the acceptor waits on _gate
-        self._kick_timer: ThreadTimer | None = None
-        self._kick_at = 0.0         # when the KICK timer expires (if in the future)
-        self._full_since = 0.0      # when _in_app last reached --threads
+        self._in_app = 0            # --threads > 1: connections handed to the workers
+        self._bound: ThreadTimer | None = None
         self._work: queue.SimpleQueue | None = None
-        self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- life cycle ----------------------------------------------------------------------
@@ -266,6 +299,10 @@ class Server:
         old_handlers = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGTERM, signal.SIGINT)}
         old_handlers[KICK] = signal.signal(KICK, _ignore)
+        try:
+            self._bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
+        except OSError as exc:
+            raise RuntimeError(f"timer_create: {exc}") from None
         if ready:
             log(ready)
         try:
@@ -276,9 +313,7 @@ class Server:
                                      daemon=True).start()
             threading.Thread(target=self._watchdog, name="graceful-timeout",
                              daemon=True).start()
-            self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor",
-                                              daemon=True)
-            self._acceptor.start()
+            self._listen(True)
             self._loop()
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -321,66 +356,42 @@ class Server:
         except BlockingIOError:
             pass
 
-    # -- the acceptor thread -------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        """Accept unless --threads requests have been in the application for
-        KICK_DELAY or longer.
+    # -- accepting (the loop thread only) ------------------------------------------------
+    def _listen(self, on: bool) -> None:
+        """Watch the listening socket (EPOLLEXCLUSIVE: see the module docstring), or stop."""
+        if on == self._listening:
+            return
+        if on:
+            self.epoll.register(self._lfd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        else:
+            self.epoll.unregister(self._lfd)
+        self._listening = on
 
-        Then a connection waiting in the shared listen queue is better served by an
-        idle sibling process (and stays visible to spawnd's queue depth scaling): the
-        acceptor parks on ``_gate`` until a request finishes. Usually it is blocked in
-        accept4() when that moment comes: the KICK timer, armed when the application
-        became full, interrupts it (EINTR) and it looks again. Requests faster than
-        KICK_DELAY never park it, so the hot path costs no signal and no thread
-        hand-off; a slow request holds no waiting accept()."""
-        try:
-            self._kick_timer = ThreadTimer(KICK, threading.get_native_id())
-        except OSError as exc:
-            log(f"timer_create failed ({exc}): a busy runner keeps accepting")
-        lfd = self.listener.fileno()
-        flags = socket.SOCK_CLOEXEC
-        gate = self._gate
-        while not self.stopping:
-            if self._in_app >= self.threads:
-                now = time.monotonic()
-                due = self._full_since + KICK_DELAY
-                if now >= due:
-                    with gate:
-                        self._parked = True
-                        while self._in_app >= self.threads and not self.stopping:
-                            gate.wait()
-                        self._parked = False
-                    continue
-                if self._kick_at <= now and self._kick_timer is not None:
-                    self._kick_at = due     # look again when it has been full that long
-                    self._kick_timer.arm(due - now)
-            fd = _accept4(lfd, None, None, flags)
-            if fd < 0:
-                err = ctypes.get_errno()
-                if err == errno.EAGAIN:
-                    self._wait_nonblocking(lfd)
-                    continue
-                if err in (errno.EINTR, errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log(f"accept: {os.strerror(err)}; pausing 100ms")
-                    time.sleep(0.1)   # resource exhaustion: back off, then retry
-                    continue
-                log(f"accept failed: {os.strerror(err)}; stopping")
-                self.stop()
+    def _want_listening(self) -> bool:
+        return (not self.stopping and self._in_app < self.threads
+                and time.monotonic() >= self._paused_until)
+
+    def _accept(self) -> None:
+        """Take one connection. The wake-up may have gone to a sibling too, so the
+        blocking accept4() runs under the ACCEPT_BOUND timer: EINTR means nothing came."""
+        bound = self._bound
+        bound.start()
+        fd = _accept4(self._lfd, None, None, socket.SOCK_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            bound.cancel()
+            if err in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO):
+                return          # a sibling took it (or it was reset): wait for the next
+            if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log(f"accept: {os.strerror(err)}; pausing {ACCEPT_PAUSE * 1000:.0f} ms")
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE
+                self._listen(False)
                 return
-            self._adopt(fd)
-
-    def _wait_nonblocking(self, lfd: int) -> None:
-        """Someone made the shared listening socket non-blocking (spawnd never does):
-        wait for a connection with poll() instead of spinning on EAGAIN. Bounded, so a
-        stop is noticed (and a sibling may win the race: then EAGAIN again)."""
-        if self._poller is None:
-            log("fd 0 is non-blocking (O_NONBLOCK on the shared socket): waiting for "
-                "connections with poll()")
-            self._poller = select.poll()
-            self._poller.register(lfd, select.POLLIN)
-        self._poller.poll(250)
+            log(f"accept failed: {os.strerror(err)}; stopping")
+            self._begin_stop()
+            return
+        bound.cancel()
+        self._adopt(fd)
 
     def _adopt(self, fd: int) -> None:
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
@@ -388,15 +399,13 @@ class Server:
             sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
         try:
             if self._allowed(sock):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
                 if self._tcp:   # a response's records in several writes: no Nagle delay
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
                                                    max_reqs=1, mpxs_conns=False,
                                                    roles=self._roles,
                                                    params_decoder=decode_params),
-                            self._arm)
+                            self._arm, self._timeval)
                 self.conns[fd] = conn
                 self.epoll.register(fd, self._arm)
                 return
@@ -419,7 +428,7 @@ class Server:
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
         fresh_deadline = None
-        kicked = 0.0
+        lfd = self._lfd
         while True:
             timeout = -1
             now = time.monotonic()
@@ -427,9 +436,16 @@ class Server:
                 with self._lock:
                     first = min((c.deadline for c in self._draining), default=now)
                 timeout = max(0.0, first - now)
+            if self._paused_until > now:
+                wait = self._paused_until - now
+                timeout = wait if timeout < 0 else min(timeout, wait)
             if self.stopping:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
             for fd, mask in self.epoll.poll(timeout):
+                if fd == lfd:
+                    if self._listening and self._want_listening():
+                        self._accept()
+                    continue
                 if fd == self._wake_r:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -446,6 +462,8 @@ class Server:
                             self._close(conn)
                             continue
                     self._on_readable(conn)
+            if self._listening != self._want_listening():
+                self._listen(not self._listening)
             if self._draining:
                 self._expire_drains()
             if self.stopping:
@@ -455,21 +473,10 @@ class Server:
                     self._close_idle()
                 elif now > fresh_deadline:
                     self._close_idle(fresh=True)
-                acceptor = self._acceptor
-                if acceptor is not None and acceptor.is_alive() and now - kicked > 0.015:
-                    kicked = now
-                    with self._gate:
-                        self._gate.notify_all()
-                    try:
-                        signal.pthread_kill(acceptor.ident, KICK)
-                    except (ProcessLookupError, OSError):
-                        pass
                 if self._finished():
                     return
 
     def _finished(self) -> bool:
-        if self._acceptor is not None and self._acceptor.is_alive():
-            return False
         for conn in list(self.conns.values()):
             if conn.busy or conn.draining or (conn.served == 0 and not conn.closed):
                 return False
@@ -517,21 +524,15 @@ class Server:
 
     def _dispatch(self, conn: Conn) -> None:
         conn.busy = True
-        with self._gate:
-            self._in_app += 1
-            full = self._in_app >= self.threads
-        if full and self._kick_timer is not None:
-            now = self._full_since = time.monotonic()
-            if now >= self._kick_at:        # else a kick is due already (spurious is fine)
-                self._kick_at = now + KICK_DELAY
-                self._kick_timer.arm(KICK_DELAY)
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
-        if self._work is not None:
-            self._work.put(conn)
-        else:
-            self._run(conn)
+        if self._work is None:
+            self._run(conn)         # --threads 1: the loop is the application's thread
+            return
+        with self._lock:
+            self._in_app += 1       # at --threads, the loop stops listening (_loop)
+        self._work.put(conn)
 
     def _rearm(self, conn: Conn) -> None:
         if not self._rearm_any(conn):
@@ -626,11 +627,12 @@ class Server:
                 log(f"internal error serving a connection: {exc!r}\n"
                     + traceback.format_exc().rstrip())
         finally:
-            gate = self._gate
-            with gate:
-                self._in_app -= 1
-                if self._parked:
-                    gate.notify()
+            if self._work is not None:
+                with self._lock:
+                    self._in_app -= 1
+                    freed = self._in_app == self.threads - 1
+                if freed:
+                    self._wake()    # the loop listens again
 
     def _serve_conn(self, conn: Conn) -> None:
         events = conn.events
@@ -676,7 +678,7 @@ class Server:
         run_app(self.app, environ, sink)
         if not sink.ended and not conn.eof and not conn.closed:
             try:            # aborted or failed mid-response: end the request anyway
-                conn.sock.sendall(conn.proto.end_request(rid, 1))
+                conn.sendall(conn.proto.end_request(rid, 1))
                 sink.ended = True
             except (OSError, ValueError):
                 conn.eof = True
@@ -707,7 +709,7 @@ class Server:
             if conn.eof:
                 raise ClientDisconnected("the web server closed the connection")
             try:
-                data = conn.sock.recv(RECV_SIZE)
+                data = conn.blocking().recv(RECV_SIZE)
                 conn.feed(data)
             except ProtocolError as exc:
                 conn.eof = True
