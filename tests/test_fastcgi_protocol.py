@@ -571,3 +571,24 @@ def test_instances_share_no_state():
     with pytest.raises(ProtocolError):
         a.receive_data(begin(1))
     assert b.active_requests == 1
+
+
+def test_stdin_within_one_piece_is_a_view_of_it_and_split_stdin_is_joined_once():
+    """A body is not copied on its way through the parser: a STDIN record that arrives
+    whole is a read-only view of the bytes that carried it; one split across pieces
+    is joined (then it is a view of that one joined copy)."""
+    server = ServerConnection()
+    begin = rec(p.BEGIN_REQUEST, 1, struct.pack(">HB5x", p.RESPONDER, 0)) \
+        + rec(p.PARAMS, 1, p.encode_pairs([("A", "1")])) + rec(p.PARAMS, 1)
+    body = bytes(range(256)) * 128             # 32 KiB, like one of nginx's records
+    wire = begin + rec(p.STDIN, 1, body, pad=3)
+    events = server.receive_data(wire)
+    data = events[-1].data
+    assert isinstance(data, memoryview) and data.readonly and data.obj is wire
+    assert data == body
+    cut = len(wire) - 1000                     # now the record arrives in two pieces
+    server = ServerConnection()
+    first = server.receive_data(wire[:cut])
+    assert [type(e) for e in first] == [Request]
+    [ev] = server.receive_data(wire[cut:])
+    assert ev.data == body and ev.data.obj is not wire and len(ev.data.obj) == len(body) + 8 + 3

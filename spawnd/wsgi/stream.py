@@ -1,6 +1,8 @@
 """wsgi.input: a read-only byte stream pulled chunk by chunk from a source.
 
-The source is a callable returning the next chunk of the body (``b""`` at its end). It
+The source is a callable returning the next chunk of the body (``b""`` at its end), as
+bytes or as a read-only memoryview (FastCGI STDIN records arrive as views of the
+received data, so a read that joins chunks copies each byte once). It
 is called only when the application asks for more than is buffered, so at most one
 chunk is held here: a large upload is never accumulated unless the application itself
 asks for it in one call. A call that needs several chunks collects them in a list and
@@ -38,7 +40,8 @@ class InputStream:
             return b"".join(parts)
         if len(buf) - pos >= size:          # the common case: served from the buffer
             self._pos = pos + size
-            return buf[pos:pos + size]
+            out = buf[pos:pos + size]
+            return out if type(out) is bytes else out.tobytes()
         # Collect whole chunks and join once: linear in the size read.
         parts = [buf[pos:]]
         need = size - (len(buf) - pos)
@@ -58,6 +61,8 @@ class InputStream:
     def readline(self, size: int | None = -1) -> bytes:
         limit = -1 if size is None or size < 0 else size
         buf, pos = self._buf, self._pos
+        if type(buf) is not bytes:          # find() needs bytes
+            buf, pos = buf[pos:].tobytes(), 0
         parts = []
         while True:
             end = buf.find(b"\n", pos)
@@ -73,7 +78,7 @@ class InputStream:
             if stop < len(buf) or end >= 0 or limit == 0:
                 self._buf, self._pos = buf, stop
                 return b"".join(parts)
-            buf, pos = self._pull(), 0
+            buf, pos = bytes(self._pull()), 0
             if not buf:
                 self._buf, self._pos = b"", 0
                 return b"".join(parts)
