@@ -153,6 +153,7 @@ _UNKNOWN_BODY = struct.Struct(">B7x")
 _U32 = struct.Struct(">I")
 _PAD = tuple(b"\0" * n for n in range(8))
 _LEN1 = tuple(bytes((n,)) for n in range(128))
+_ENDED_OK: dict[int, bytes] = {}    # request id -> empty STDOUT + END_REQUEST(0, COMPLETE)
 
 
 def _type_name(record_type: int) -> str:
@@ -453,7 +454,7 @@ class ServerConnection:
         self._out.append(self._end_records(rid, 0, status, keep_conn, False))
 
     def _on_params(self, rid: int, content: bytes, events: list) -> None:
-        req = self._request(rid, PARAMS)
+        req = self._reqs.get(rid) or self._request(rid, PARAMS)
         phase = req.phase
         if phase == _DISCARD:
             return
@@ -474,7 +475,7 @@ class ServerConnection:
         events.append(Request(rid, req.role, req.keep_conn, params))
 
     def _on_stdin(self, rid: int, content: bytes, events: list) -> None:
-        req = self._request(rid, STDIN)
+        req = self._reqs.get(rid) or self._request(rid, STDIN)
         phase = req.phase
         if phase == _STDIN:
             if content:
@@ -517,6 +518,8 @@ class ServerConnection:
     # -- output --------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
         """Automatic replies produced by receive_data (and cleared by this call)."""
+        if not self._out:
+            return b""
         out = b"".join(self._out)
         self._out.clear()
         return out
@@ -558,6 +561,13 @@ class ServerConnection:
                      keep_conn: bool, stderr_used: bool) -> bytes:
         if not keep_conn:
             self._keep_conn = False
+        if not app_status and protocol_status == REQUEST_COMPLETE and not stderr_used:
+            out = _ENDED_OK.get(rid)        # the usual end: the same 24 bytes every time
+            if out is None:
+                out = _ENDED_OK[rid] = (
+                    _HEADER.pack(VERSION_1, STDOUT, rid, 0, 0)
+                    + encode_record(END_REQUEST, rid, _END_BODY.pack(0, REQUEST_COMPLETE)))
+            return out
         end = encode_record(END_REQUEST, rid,
                             _END_BODY.pack(app_status & 0xFFFFFFFF, protocol_status))
         if protocol_status != REQUEST_COMPLETE:

@@ -686,7 +686,10 @@ class Server:
 
     @staticmethod
     def _stdin_ended(conn: Conn) -> bool:
-        return any(type(ev) is StdinEnd for ev in conn.events)
+        for ev in conn.events:
+            if type(ev) is StdinEnd:
+                return True
+        return False
 
     def _next_stdin(self, conn: Conn, rid: int) -> bytes:
         """The next piece of request ``rid``'s STDIN (b"" at its end), reading the
