@@ -153,7 +153,6 @@ _UNKNOWN_BODY = struct.Struct(">B7x")
 _U32 = struct.Struct(">I")
 _PAD = tuple(b"\0" * n for n in range(8))
 _LEN1 = tuple(bytes((n,)) for n in range(128))
-_ENDED_OK: dict[int, bytes] = {}    # request id -> empty STDOUT + END_REQUEST(0, COMPLETE)
 
 
 def _type_name(record_type: int) -> str:
@@ -168,6 +167,12 @@ def encode_record(record_type: int, request_id: int, content=b"") -> bytes:
     pad = -n & 7
     return b"".join((_HEADER.pack(VERSION_1, record_type, request_id, n, pad),
                      content, _PAD[pad]))
+
+
+# Request id 1, ended with status 0: what nearly every response ends with (web servers
+# that do not multiplex number every request 1), built once.
+_ENDED_OK_1 = (_HEADER.pack(VERSION_1, STDOUT, 1, 0, 0)
+               + encode_record(END_REQUEST, 1, _END_BODY.pack(0, REQUEST_COMPLETE)))
 
 
 def encode_stream(record_type: int, request_id: int, data) -> bytes:
@@ -561,13 +566,9 @@ class ServerConnection:
                      keep_conn: bool, stderr_used: bool) -> bytes:
         if not keep_conn:
             self._keep_conn = False
-        if not app_status and protocol_status == REQUEST_COMPLETE and not stderr_used:
-            out = _ENDED_OK.get(rid)        # the usual end: the same 24 bytes every time
-            if out is None:
-                out = _ENDED_OK[rid] = (
-                    _HEADER.pack(VERSION_1, STDOUT, rid, 0, 0)
-                    + encode_record(END_REQUEST, rid, _END_BODY.pack(0, REQUEST_COMPLETE)))
-            return out
+        if rid == 1 and not app_status and protocol_status == REQUEST_COMPLETE \
+                and not stderr_used:
+            return _ENDED_OK_1      # the usual end of the usual request id
         end = encode_record(END_REQUEST, rid,
                             _END_BODY.pack(app_status & 0xFFFFFFFF, protocol_status))
         if protocol_status != REQUEST_COMPLETE:
