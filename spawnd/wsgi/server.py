@@ -175,7 +175,7 @@ class Conn:
         self.drained = 0
         self.eof = False
         self.pending = b""          # automatic replies the peer has not taken yet
-        self.mask = mask            # the connection's epoll registration
+        self.mask = mask            # the connection's epoll registration (0: none yet)
         self.timeval = timeval      # --io-timeout as a struct timeval; None once set
 
     def blocking(self) -> socket.socket:
@@ -398,21 +398,25 @@ class Server:
         if socket.getdefaulttimeout() is not None:
             sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
         try:
-            if self._allowed(sock):
-                if self._tcp:   # a response's records in several writes: no Nagle delay
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = Conn(sock, ServerConnection(max_conns=self._max_conns,
-                                                   max_reqs=1, mpxs_conns=False,
-                                                   roles=self._roles,
-                                                   params_decoder=decode_params),
-                            self._arm, self._timeval)
-                self.conns[fd] = conn
-                self.epoll.register(fd, self._arm)
+            if not self._allowed(sock):
+                sock.close()
                 return
+            if self._tcp:           # a response's records in several writes: no Nagle delay
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log(f"dropping a new connection: {exc}")
-            self.conns.pop(fd, None)
-        sock.close()
+            sock.close()
+            return
+        conn = Conn(sock, ServerConnection(max_conns=self._max_conns, max_reqs=1,
+                                           mpxs_conns=False, roles=self._roles,
+                                           params_decoder=decode_params),
+                    0, self._timeval)
+        self.conns[fd] = conn
+        # The web server usually writes its request right after connect(): read it now.
+        # A connection joins the epoll set only when it has to wait (_rearm_any), so a
+        # request that came with its connection, on a connection closed after it, costs
+        # no epoll_ctl and no second trip through epoll_wait.
+        self._on_readable(conn)
 
     def _allowed(self, sock: socket.socket) -> bool:
         if self.allowed is not None:
@@ -567,12 +571,16 @@ class Server:
             self._wake()
 
     def _rearm_any(self, conn: Conn) -> bool:
-        """Watch the connection again (EPOLLOUT too while replies wait); no system call
-        when the level-triggered registration (--threads 1) is already right."""
+        """Watch the connection (again; EPOLLOUT too while replies wait): registers a
+        connection not yet in the epoll set (mask 0); no system call when the
+        level-triggered registration (--threads 1) is already right."""
         want = self._arm | select.EPOLLOUT if conn.pending else self._arm
         if want != conn.mask or want & select.EPOLLONESHOT:
             try:
-                self.epoll.modify(conn.fd, want)
+                if conn.mask:
+                    self.epoll.modify(conn.fd, want)
+                else:
+                    self.epoll.register(conn.fd, want)
             except OSError:
                 return False
             conn.mask = want
