@@ -250,6 +250,17 @@ def spawnd_check_time(workdir: str, runs: int) -> float:
     return statistics.median(times)
 
 
+def interpreter_time(argv: list[str], runs: int) -> float:
+    """Median wall time of an interpreter that runs nothing: a floor under (a) that no
+    Python daemon can go below, whatever it does after its first line."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def measure_kills(contender_cls, workdir, n, kills) -> list[float]:
     """Seconds from SIGKILL of the child longest in accept() to a full pool again."""
     latencies = []
@@ -424,6 +435,10 @@ def report(contenders, workdir, sizes, runs, kills, idle, pool) -> int:
     if "spawnd" in contenders:
         print(f"\nFor scale: `spawnd -t -c CONFIG` (start, imports, config parse; no socket, "
               f"no child) takes {ms(spawnd_check_time(workdir, max(runs, 3)))} ms.")
+        floor = {" ".join(argv): interpreter_time(argv, 20) for argv in
+                 ([sys.executable, "-c", "pass"], ["/usr/bin/python3", "-I", "-S", "-c", "pass"])}
+        print("The interpreter alone, before any line of spawnd (median of 20): "
+              + "; ".join(f"`{cmd}` {ms(t)} ms" for cmd, t in floor.items()) + ".")
 
     print(f"\n## (b) kill -9 of one child -> replacement in accept(), ms "
           f"(N={pool}, {kills} kills)\n")
