@@ -709,6 +709,34 @@ def test_a_full_threaded_runner_stops_listening_until_a_thread_is_free(appdir, t
         assert a.stop() == 0
 
 
+def test_out_of_file_descriptors_it_pauses_accepting_and_recovers(appdir):
+    """EMFILE from accept(): the runner logs it, stops accepting for a moment (no spin),
+    keeps serving the connections it has, and accepts again once descriptors are free."""
+    with Runner(appdir, "apps:hello", nofile=24) as r:
+        held = []
+        try:
+            for _ in range(40):         # more than its descriptor limit allows
+                ex = Exchange(r.path, timeout=5)
+                ex.sock.setblocking(False)
+                held.append(ex)
+            wait_until(lambda: "Too many open files; pausing" in r.stderr(), 5,
+                       "the EMFILE message")
+            t0 = cpu_ticks(r.proc.pid)
+            time.sleep(1.0)             # a fixed window to measure CPU in
+            assert cpu_ticks(r.proc.pid) - t0 <= 20, "spinning on EMFILE"
+            # a connection it did accept is still served
+            first = held.pop(0)
+            first.sock.setblocking(True)
+            assert b"hello" in first.request(cgi_params("/"))[0]
+        finally:
+            for ex in held:
+                ex.close()
+        out = Exchange(r.path, timeout=5).request(cgi_params("/"))[0]
+        assert b"hello" in out
+        assert r.proc.poll() is None
+        assert r.stop() == 0
+
+
 def test_a_non_blocking_listening_socket_does_not_make_it_spin(appdir, tmp_path):
     path = str(tmp_path / "nb.sock")
     listener = socket.socket(socket.AF_UNIX)

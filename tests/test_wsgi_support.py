@@ -7,6 +7,7 @@ as spawnd starts them, with a listening socket on fd 0.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -50,7 +51,8 @@ class Runner:
     """spawnd-wsgi as a subprocess; stderr goes to a file (``.stderr()``)."""
 
     def __init__(self, directory, app: str, *args, sock_path: str | None = None,
-                 listener: socket.socket | None = None, env=None) -> None:
+                 listener: socket.socket | None = None, env=None,
+                 nofile: int | None = None) -> None:
         self.dir = str(directory)
         self.path = sock_path
         self.errfile = os.path.join(self.dir, f"runner-{id(self)}.err")
@@ -65,7 +67,9 @@ class Runner:
         with open(self.errfile, "wb") as err:
             self.proc = subprocess.Popen(
                 cmd, stdin=listener.fileno() if listener else subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, env=full_env)
+                stdout=subprocess.DEVNULL, stderr=err, env=full_env,
+                preexec_fn=None if nofile is None else lambda: resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (nofile, nofile)))
         if listener is None:
             wait_until(lambda: self.proc.poll() is not None or _answers(self.path), 15,
                        "the runner's socket to answer")

@@ -298,15 +298,15 @@ class Server:
     def serve(self, ready: str | None = None) -> int:
         """Run until stopped (signal or --max-requests); returns the exit status.
         ``ready`` is logged once TERM/INT are handled (tests and people wait for it)."""
+        try:
+            self._bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
+        except OSError as exc:
+            raise RuntimeError(f"cannot bound accept() with a timer: {exc}") from None
         self.epoll.register(self._wake_r, select.EPOLLIN)
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         old_handlers = {sig: signal.signal(sig, self._on_signal)
                         for sig in (signal.SIGTERM, signal.SIGINT)}
         old_handlers[KICK] = signal.signal(KICK, _ignore)
-        try:
-            self._bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
-        except OSError as exc:
-            raise RuntimeError(f"timer_create: {exc}") from None
         if ready:
             log(ready)
         try:
@@ -372,8 +372,13 @@ class Server:
         self._listening = on
 
     def _want_listening(self) -> bool:
-        return (not self.stopping and self._in_app < self.threads
-                and time.monotonic() >= self._paused_until)
+        if self.stopping or self._in_app >= self.threads:
+            return False
+        if self._paused_until:
+            if time.monotonic() < self._paused_until:
+                return False
+            self._paused_until = 0.0
+        return True
 
     def _accept(self) -> None:
         """Take one connection. The wake-up may have gone to a sibling too, so the
@@ -444,8 +449,8 @@ class Server:
                 with self._lock:
                     first = min((c.deadline for c in self._draining), default=now)
                 timeout = max(0.0, first - now)
-            if self._paused_until > now:
-                wait = self._paused_until - now
+            if self._paused_until:
+                wait = max(0.0, self._paused_until - now)
                 timeout = wait if timeout < 0 else min(timeout, wait)
             if self.stopping:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
