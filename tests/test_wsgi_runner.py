@@ -478,18 +478,20 @@ def test_signal_finishes_in_flight_request_then_exits_0(appdir, sig):
         assert idle.closed_by_peer(), "an idle keep-alive connection was left open"
 
 
-def _in_app(r) -> bool:
-    """A thread of the runner sleeps (clock_nanosleep/nanosleep/select): it is in slow()."""
-    task_dir = f"/proc/{r.proc.pid}/task"
-    for tid in os.listdir(task_dir):
+def _sleeping_threads(r) -> int:
+    """Threads of the runner asleep (clock_nanosleep/nanosleep/select): in slow()."""
+    n = 0
+    for tid in os.listdir(f"/proc/{r.proc.pid}/task"):
         try:
-            with open(f"{task_dir}/{tid}/syscall") as f:
-                nr = int(f.read().split()[0])
+            with open(f"/proc/{r.proc.pid}/task/{tid}/syscall") as f:
+                n += int(f.read().split()[0]) in (230, 35, 23)  # x86-64 numbers
         except (OSError, ValueError):
-            continue
-        if nr in (230, 35, 23):     # x86-64 clock_nanosleep, nanosleep, select
-            return True
-    return False
+            pass
+    return n
+
+
+def _in_app(r) -> bool:
+    return _sleeping_threads(r) > 0
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
@@ -660,18 +662,6 @@ def test_a_busy_runner_leaves_new_connections_to_an_idle_sibling(appdir, tmp_pat
         wait_until(lambda: health.group_idle([busy.proc.pid]), 5,
                    "the formerly busy runner to wait for connections again")
         assert a.stop() == 0 and b.stop() == 0
-
-
-def _sleeping_threads(r) -> int:
-    """Threads of the runner asleep in the application (see _in_app)."""
-    n = 0
-    for tid in os.listdir(f"/proc/{r.proc.pid}/task"):
-        try:
-            with open(f"/proc/{r.proc.pid}/task/{tid}/syscall") as f:
-                n += int(f.read().split()[0]) in (230, 35, 23)
-        except (OSError, ValueError):
-            pass
-    return n
 
 
 def test_a_full_threaded_runner_stops_listening_until_a_thread_is_free(appdir, tmp_path):
