@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import time
 
@@ -82,7 +83,9 @@ def test_parse_allowed_rejects_names():
     assert normalise_ip("::ffff:127.0.0.1") == normalise_ip("127.0.0.1")
 
 
-def chunks_source(data: bytes, sizes):
+def chunks_source(data: bytes, sizes, views: bool = False):
+    """Chunks of data as a wsgi.input source; ``views``: as read-only memoryviews, the
+    way FastCGI STDIN records reach the stream."""
     parts, pos = [], 0
     for size in sizes:
         if pos >= len(data):
@@ -91,6 +94,8 @@ def chunks_source(data: bytes, sizes):
         pos += size
     if pos < len(data):
         parts.append(data[pos:])
+    if views:
+        parts = [memoryview(p) for p in parts]
     it = iter(parts)
     return lambda: next(it, b"")
 
@@ -98,18 +103,28 @@ def chunks_source(data: bytes, sizes):
 @given(st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"\n")),
        st.lists(st.integers(1, 40), max_size=30),
        st.lists(st.tuples(st.sampled_from(["read", "readline", "readall"]),
-                          st.integers(-1, 50)), max_size=20))
-def test_input_stream_behaves_like_bytesio(data, sizes, ops):
-    stream, ref = InputStream(chunks_source(data, sizes)), io.BytesIO(data)
+                          st.integers(-1, 50)), max_size=20),
+       st.booleans())
+def test_input_stream_behaves_like_bytesio(data, sizes, ops, views):
+    stream, ref = InputStream(chunks_source(data, sizes, views)), io.BytesIO(data)
     for op, n in ops:
         if op == "read":
-            assert stream.read(n) == ref.read(n)
+            got, want = stream.read(n), ref.read(n)
         elif op == "readline":
-            assert stream.readline(n) == ref.readline(n)
+            got, want = stream.readline(n), ref.readline(n)
         else:
-            assert stream.read() == ref.read()
+            got, want = stream.read(), ref.read()
+        assert type(got) is bytes and got == want
     assert list(stream) == list(ref)
     assert stream.read(10) == b"" and stream.finished
+
+
+def test_readline_after_a_partial_read_of_a_view_chunk():
+    """read(n) leaves the rest of a memoryview chunk buffered; readline() goes on from
+    there (a multipart parser does exactly this)."""
+    stream = InputStream(chunks_source(b"abcdefghij\nline2\nline3\n", [100], views=True))
+    assert stream.read(3) == b"abc"
+    assert [stream.readline() for _ in range(4)] == [b"defghij\n", b"line2\n", b"line3\n", b""]
 
 
 def _big_source(total: int, line_end: bool = False):
@@ -276,3 +291,30 @@ def test_decode_params_merges_duplicates_as_the_environ_rules_say():
                          (b"PATH_INFO", "/\u00e9".encode())])
     assert decode_params(data) == {"HTTP_COOKIE": "a=1; b=2", "HTTP_ACCEPT": "x, y",
                                    "DOCUMENT_ROOT": "/b", "PATH_INFO": "/\u00c3\u00a9"}
+
+
+def test_the_accept_bound_interrupts_even_when_its_first_shot_came_too_early(tmp_path):
+    """The timer that bounds accept4() repeats: a shot that fires while the thread is
+    still in Python (waiting for the GIL, say) interrupts nothing, and the next one must.
+    Here the first shot is spent on purpose before accept4() on an empty queue."""
+    code = f"""
+import ctypes, errno, signal, socket, threading, time
+from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _accept4, _ignore
+signal.signal(KICK, _ignore)
+ls = socket.socket(socket.AF_UNIX)
+ls.bind({str(tmp_path / "l.sock")!r})
+ls.listen(1)
+timer = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
+timer.start()
+time.sleep(ACCEPT_BOUND * 1.5)          # the first shot lands here, not in accept4
+t0 = time.monotonic()
+fd = _accept4(ls.fileno(), None, None, 0)
+err = ctypes.get_errno()
+timer.cancel()
+print(fd, errno.errorcode.get(err), round(time.monotonic() - t0, 3))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0, out.stderr
+    fd, err, took = out.stdout.split()
+    assert (fd, err) == ("-1", "EINTR") and float(took) < 0.5, out.stdout

@@ -471,10 +471,12 @@ class ServerConnection:
             if req.params_size > self._max_params:
                 raise ProtocolError(f"PARAMS for request id {rid} exceed"
                                     f" {self._max_params} bytes")
-            req.params.append(content)
+            # a copy, not a view: a view would keep the whole received buffer (headers,
+            # padding) alive, which max_params_size does not count
+            req.params.append(content.tobytes())
             return
         chunks = req.params
-        params = self._decode_params(b"".join(chunks))
+        params = self._decode_params(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         req.params = []
         req.phase = _STDIN
         events.append(Request(rid, req.role, req.keep_conn, params))

@@ -13,8 +13,8 @@ Threads and who owns what
   processes); nothing here changes its flags or options. A wake-up may still go to more
   than one process, and then ``accept()`` on the blocking socket would wait for the
   next connection: so ``accept4`` (through ctypes, which returns EINTR instead of
-  retrying like ``socket.accept``) runs under a one-shot POSIX timer that interrupts it
-  with a signal to this thread (KICK) after ACCEPT_BOUND. It is armed and disarmed
+  retrying like ``socket.accept``) runs under a POSIX timer that interrupts it with a
+  signal to this thread (KICK) every ACCEPT_BOUND until the call returns. It is armed and disarmed
   around each accept: two system calls, and no signal unless the call really waited.
 * With ``--threads N > 1`` the loop stops watching the listening socket while all N
   threads are in the application, and watches it again when one is free: a connection
@@ -88,8 +88,8 @@ _SIGEV_THREAD_ID = 4
 
 
 class ThreadTimer:
-    """A one-shot POSIX timer of ``seconds`` that sends ``signo`` to one thread
-    (SIGEV_THREAD_ID).
+    """A POSIX timer that sends ``signo`` to one thread (SIGEV_THREAD_ID) every
+    ``seconds`` from ``start()`` until ``cancel()``.
 
     The kernel does the waiting: starting or cancelling it costs one system call, and no
     thread wakes up unless it expires."""
@@ -101,8 +101,11 @@ class ThreadTimer:
         if _timer_create(time.CLOCK_MONOTONIC, sev, ctypes.byref(self._id)) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         ns = int(seconds * 1e9)
-        # struct itimerspec: it_interval (0: one-shot), it_value
-        self._on = struct.pack("qqqq", 0, 0, ns // 1_000_000_000, ns % 1_000_000_000)
+        sec, nsec = ns // 1_000_000_000, ns % 1_000_000_000
+        # struct itimerspec: it_interval, it_value. It repeats until cancelled: a shot
+        # that comes before the thread is inside the system call it should interrupt
+        # (Python only notes the signal) is followed by another one.
+        self._on = struct.pack("qqqq", sec, nsec, sec, nsec)
         self._off = bytes(32)
 
     def start(self) -> None:
@@ -372,13 +375,7 @@ class Server:
         self._listening = on
 
     def _want_listening(self) -> bool:
-        if self.stopping or self._in_app >= self.threads:
-            return False
-        if self._paused_until:
-            if time.monotonic() < self._paused_until:
-                return False
-            self._paused_until = 0.0
-        return True
+        return not (self.stopping or self._in_app >= self.threads or self._paused_until)
 
     def _accept(self) -> None:
         """Take one connection. The wake-up may have gone to a sibling too, so the
@@ -450,8 +447,13 @@ class Server:
                     first = min((c.deadline for c in self._draining), default=now)
                 timeout = max(0.0, first - now)
             if self._paused_until:
-                wait = max(0.0, self._paused_until - now)
-                timeout = wait if timeout < 0 else min(timeout, wait)
+                if now >= self._paused_until:
+                    self._paused_until = 0.0    # the EMFILE pause is over
+                else:
+                    wait = self._paused_until - now
+                    timeout = wait if timeout < 0 else min(timeout, wait)
+            if self._listening != self._want_listening():
+                self._listen(not self._listening)   # full, free again, paused, stopping
             if self.stopping:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
             for fd, mask in self.epoll.poll(timeout):
@@ -475,8 +477,6 @@ class Server:
                             self._close(conn)
                             continue
                     self._on_readable(conn)
-            if self._listening != self._want_listening():
-                self._listen(not self._listening)
             if self._draining:
                 self._expire_drains()
             if self.stopping:
@@ -672,7 +672,9 @@ class Server:
                 conn.busy = False
                 if conn.closed:
                     return
-                self._rearm_any(conn)
+                watched = self._rearm_any(conn)
+            if not watched:         # epoll refused it (max_user_watches?): do not leak it
+                self._close(conn)
             return
 
     def _handle(self, conn: Conn, req: Request) -> tuple[bool, bool]:

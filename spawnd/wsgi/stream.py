@@ -63,6 +63,7 @@ class InputStream:
         buf, pos = self._buf, self._pos
         if type(buf) is not bytes:          # find() needs bytes
             buf, pos = buf[pos:].tobytes(), 0
+            self._buf, self._pos = buf, 0
         parts = []
         while True:
             end = buf.find(b"\n", pos)
