@@ -131,3 +131,69 @@ def test_php_cgi_master_before_its_workers_still_stops(tmp_path, pub):
         took = time.monotonic() - t0
         assert took < 1.9, took
         assert not d.seen("sending SIGKILL"), d.output()
+
+
+SLOW_WSGI = """\
+import os, time
+def application(environ, start_response):
+    time.sleep(0.01 * (1 + int(environ.get("QUERY_STRING", "n=0")[2:] or 0) % 5))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"wsgi %d\\n" % os.getpid()]
+"""
+
+
+@pytest.mark.parametrize("when", ["idle", "now"])
+def test_spawnd_wsgi_siblings_restart_and_scale_under_load_lose_nothing(
+        tmp_path, pub, public_python, when):
+    """Several spawnd-wsgi processes on one socket, each accepting in its own event loop
+    (EPOLLEXCLUSIVE, bounded accept), behind nginx with a connection per request: rolling
+    restarts and scaling under load lose no request, whether spawnd retires a runner
+    when it is seen waiting (idle) or signals it at once (now: it finishes in flight)."""
+    (pub / "slowapp.py").write_text(SLOW_WSGI)
+    python, env = public_python
+    cfg = f"""\
+spawnd:
+  admin_socket: {tmp_path}/admin.sock
+pools:
+  py:
+    command: [{python}, -m, spawnd.wsgi.main, --chdir, {pub}, slowapp:application]
+    listen: unix:{pub}/py.sock
+    socket: {{owner: www-data}}
+    user: nobody
+    env: {{PYTHONPATH: {env["PYTHONPATH"]}}}
+    processes: 3
+    stop: {{when: {when}, timeout: 10s}}
+"""
+    location = f"""
+    location /py/ {{
+        include /etc/nginx/fastcgi_params;
+        fastcgi_next_upstream off;
+        fastcgi_pass unix:{pub}/py.sock;
+    }}
+"""
+
+    def check(status, headers, body):
+        return status == 200 and re.fullmatch(rb"wsgi \d+\n", body) is not None
+
+    with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
+        d.start()
+        d.wait_children("py", 3)
+        with LoadInBackground([ngx.url(f"/py/?n={i}") for i in range(8)], clients=8,
+                              check=check) as load:
+            wait_for(lambda: load.result().ok >= 50, timeout=20, what="load under way")
+            for _ in range(2):
+                before = {c["pid"] for c in status(d, "py")["pools"][0]["children"]}
+                res = json.loads(ctl(d, "restart", "py", "--json", check=0).stdout)
+                assert res["replaced"] == 3
+                after = {c["pid"] for c in status(d, "py")["pools"][0]["children"]}
+                assert not after & before
+            ctl(d, "scale", "py", "5", check=0)
+            ctl(d, "scale", "py", "2", check=0)
+            seen = load.result().ok
+            wait_for(lambda: load.result().ok >= seen + 50, timeout=20,
+                     what="load after the restarts")
+        result = load.result()
+        assert result.ok > 200, result
+        assert not result.failed and not result.errors, result
+        assert "upstream prematurely closed" not in ngx.error_log()
+        assert d.stop() == 0
