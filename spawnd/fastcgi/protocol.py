@@ -149,6 +149,8 @@ class UnknownType:
 _HEADER = struct.Struct(">BBHHBx")
 _BEGIN_BODY = struct.Struct(">HB5x")
 _END_BODY = struct.Struct(">IB3x")
+_END_RECORD = struct.Struct(">BBHHBxIB3x")                 # END_REQUEST, with its body
+_CLOSE_AND_END = struct.Struct(">BBHHBxBBHHBxIB3x")        # empty STDOUT + END_REQUEST
 _UNKNOWN_BODY = struct.Struct(">B7x")
 _U32 = struct.Struct(">I")
 _PAD = tuple(b"\0" * n for n in range(8))
@@ -167,12 +169,6 @@ def encode_record(record_type: int, request_id: int, content=b"") -> bytes:
     pad = -n & 7
     return b"".join((_HEADER.pack(VERSION_1, record_type, request_id, n, pad),
                      content, _PAD[pad]))
-
-
-# Request id 1, ended with status 0: what nearly every response ends with (web servers
-# that do not multiplex number every request 1), built once.
-_ENDED_OK_1 = (_HEADER.pack(VERSION_1, STDOUT, 1, 0, 0)
-               + encode_record(END_REQUEST, 1, _END_BODY.pack(0, REQUEST_COMPLETE)))
 
 
 def encode_stream(record_type: int, request_id: int, data) -> bytes:
@@ -568,17 +564,17 @@ class ServerConnection:
                      keep_conn: bool, stderr_used: bool) -> bytes:
         if not keep_conn:
             self._keep_conn = False
-        if rid == 1 and not app_status and protocol_status == REQUEST_COMPLETE \
-                and not stderr_used:
-            return _ENDED_OK_1      # the usual end of the usual request id
-        end = encode_record(END_REQUEST, rid,
-                            _END_BODY.pack(app_status & 0xFFFFFFFF, protocol_status))
-        if protocol_status != REQUEST_COMPLETE:
-            return end        # a refused request has no streams to close
-        closing = _HEADER.pack(VERSION_1, STDOUT, rid, 0, 0)
+        status = app_status & 0xFFFFFFFF
+        if protocol_status != REQUEST_COMPLETE:   # a refused request has no streams
+            return _END_RECORD.pack(VERSION_1, END_REQUEST, rid, 8, 0, status,
+                                    protocol_status)
         if stderr_used:
-            closing += _HEADER.pack(VERSION_1, STDERR, rid, 0, 0)
-        return closing + end
+            return b"".join((_HEADER.pack(VERSION_1, STDOUT, rid, 0, 0),
+                             _HEADER.pack(VERSION_1, STDERR, rid, 0, 0),
+                             _END_RECORD.pack(VERSION_1, END_REQUEST, rid, 8, 0, status,
+                                              protocol_status)))
+        return _CLOSE_AND_END.pack(VERSION_1, STDOUT, rid, 0, 0, VERSION_1, END_REQUEST,
+                                   rid, 8, 0, status, protocol_status)
 
     @property
     def keep_conn(self) -> bool:
