@@ -238,27 +238,20 @@ def measure_startup(contender_cls, workdir, n, runs) -> tuple[list[float], list[
     return ready, bound
 
 
+def wall_time(argv: list[str], runs: int) -> float:
+    """Median wall time of running argv to its end (its output discarded)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def spawnd_check_time(workdir: str, runs: int) -> float:
     """Median wall time of `spawnd -t -c CONFIG`: interpreter start, every import and the
     config parse, but no socket and no child. The floor under spawnd's start-up time."""
-    argv = Spawnd(workdir).argv(1)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([SPAWND, "-t", *argv[1:]], check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interpreter_time(argv: list[str], runs: int) -> float:
-    """Median wall time of an interpreter that runs nothing: a floor under (a) that no
-    Python daemon can go below, whatever it does after its first line."""
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return wall_time([SPAWND, "-t", *Spawnd(workdir).argv(1)[1:]], runs)
 
 
 def measure_kills(contender_cls, workdir, n, kills) -> list[float]:
@@ -435,7 +428,8 @@ def report(contenders, workdir, sizes, runs, kills, idle, pool) -> int:
     if "spawnd" in contenders:
         print(f"\nFor scale: `spawnd -t -c CONFIG` (start, imports, config parse; no socket, "
               f"no child) takes {ms(spawnd_check_time(workdir, max(runs, 3)))} ms.")
-        floor = {" ".join(argv): interpreter_time(argv, 20) for argv in
+        # an interpreter that runs nothing: a floor under (a) for any Python daemon
+        floor = {" ".join(argv): wall_time(argv, 20) for argv in
                  ([sys.executable, "-c", "pass"], ["/usr/bin/python3", "-I", "-S", "-c", "pass"])}
         print("The interpreter alone, before any line of spawnd (median of 20): "
               + "; ".join(f"`{cmd}` {ms(t)} ms" for cmd, t in floor.items()) + ".")

@@ -334,7 +334,8 @@ class Pool:
         """probe.ready: a child is ready once it waits for a connection (health.group_idle:
         its start-up is over) and then a probe of the pool passes. A probe through the
         shared socket cannot pick one child, so the kernel's view of the child is what
-        makes this exact; the probe checks the pool answers. Past probe.start_timeout the start has failed."""
+        makes this exact; the probe checks the pool answers. Past probe.start_timeout the
+        start has failed."""
         if ch.pid not in self.children or ch.state != "starting":
             return
         if time.monotonic() > deadline:

@@ -57,8 +57,8 @@ def _check(status, headers, body):
     return status == 200 and re.fullmatch(rb"slow n=\d+\n", body) is not None
 
 
-def _pids(d):
-    return {c["pid"] for c in status(d, "cgi")["pools"][0]["children"]}
+def _pids(d, pool="cgi"):
+    return {c["pid"] for c in status(d, pool)["pools"][0]["children"]}
 
 
 def test_restart_scale_reload_under_load_lose_nothing(tmp_path, pub):
@@ -182,13 +182,13 @@ pools:
                               check=check) as load:
             wait_for(lambda: load.result().ok >= 50, timeout=20, what="load under way")
             for _ in range(2):
-                before = {c["pid"] for c in status(d, "py")["pools"][0]["children"]}
+                before = _pids(d, "py")
                 res = json.loads(ctl(d, "restart", "py", "--json", check=0).stdout)
-                assert res["replaced"] == 3
-                after = {c["pid"] for c in status(d, "py")["pools"][0]["children"]}
-                assert not after & before
+                assert res["replaced"] == 3 and not _pids(d, "py") & before
             ctl(d, "scale", "py", "5", check=0)
+            assert len(_pids(d, "py")) == 5
             ctl(d, "scale", "py", "2", check=0)
+            assert len(_pids(d, "py")) == 2
             seen = load.result().ok
             wait_for(lambda: load.result().ok >= seen + 50, timeout=20,
                      what="load after the restarts")
