@@ -20,7 +20,7 @@ from support.cfcgi import RESPONSE, fcgi_get
 from support.load import LoadInBackground, run_load
 from support.proc import (blocked_syscall, cwd, descendants, environ, free_port, in_accept,
                           limits, open_fds, pgid, process_group_members, socket_inode, status,
-                          unix_listener_inode, wait_for)
+                          unix_listener_inode, wait_for, wchan)
 
 
 # ---- wait_for ------------------------------------------------------------------------------
@@ -75,7 +75,8 @@ def test_proc_readers_see_what_the_child_was_given(tmp_path):
                      user="nobody", group=nobody.pw_gid, extra_groups=[0], umask=0o027,
                      process_group=0, preexec_fn=lower_nofile, stdin=r,
                      stdout=subprocess.DEVNULL, stderr=w) as p:
-            wait_for(lambda: status(p.pid)["Uid"][0] == nobody.pw_uid, what="exec as nobody")
+            # asleep, so past exec and the dynamic loader (which holds libraries open)
+            wait_for(lambda: wchan(p.pid).endswith("nanosleep"), what="sleep asleep")
             assert status(p.pid)["Uid"] == [nobody.pw_uid] * 4
             assert status(p.pid)["Gid"] == [nobody.pw_gid] * 4
             assert status(p.pid)["Groups"] == [0]

@@ -106,6 +106,11 @@ def environ(pid: int) -> dict[str, str]:
     return out
 
 
+def wchan(pid: int) -> str:
+    """The kernel function pid sleeps in ("hrtimer_nanosleep", ...), or "0" if running."""
+    return _read(pid, "wchan")
+
+
 def cwd(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/cwd")
 
