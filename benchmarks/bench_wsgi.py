@@ -9,6 +9,9 @@ upper bound:
   flup         spawn-fcgi -s SOCK -n -- PYTHON benchmarks/apps/flup_app.py
                (flup's threaded WSGIServer on fd 0)
   uWSGI        uwsgi --plugin python3 --fastcgi-socket SOCK --processes 1 (1 thread)
+  floor        PYTHON benchmarks/apps/floor_fcgi.py SOCK: the least a pure-Python FastCGI
+               WSGI responder must do, with none of a real server's duties (how fast a
+               Python server can be at all; see its docstring)
   nginx        return 200 "hello" / a static 64 KiB file / return 200 after reading the body
 
 spawnd-wsgi and flup run on the same interpreter (this script's: the project venv's).
@@ -208,7 +211,14 @@ class Uwsgi(Server):
         stop_process(self.proc, signal.SIGINT)
 
 
-SERVERS = [SpawndWsgi, Flup, Uwsgi]
+class Floor(Server):
+    name, key = "Python floor", "floor"
+
+    def argv(self):
+        return [PYTHON, os.path.join(APPS, "floor_fcgi.py"), self.sock]
+
+
+SERVERS = [SpawndWsgi, Flup, Uwsgi, Floor]
 NGINX_COL = "nginx"
 
 
@@ -589,15 +599,18 @@ def run(args, nginx, servers, cases, duration, rounds, strace_n, workdir, load_b
         return statistics.median(x[key] for x in results[(case.name, col)])
 
     header = ["case", *(names[c] for c in columns), "spawnd-wsgi / uWSGI",
-              "spawnd-wsgi / flup", "spawnd-wsgi % of nginx alone"]
+              "spawnd-wsgi / flup", "spawnd-wsgi / floor", "floor / uWSGI",
+              "spawnd-wsgi % of nginx alone"]
     rows = []
     for case in cases:
         cells = []
         for col in columns:
             errors = sum(x["errors"] for x in results[(case.name, col)])
             cells.append(f"{med(case, col):,.0f}" + (f" ({errors} errors)" if errors else ""))
-        s, u, f, n = (med(case, c) for c in ("spawnd", "uwsgi", "flup", NGINX_COL))
-        rows.append([case.name, *cells, ratio(s, u), ratio(s, f), f"{100 * s / n:.0f}%"])
+        s, u, f, p, n = (med(case, c) for c in ("spawnd", "uwsgi", "flup", "floor",
+                                                NGINX_COL))
+        rows.append([case.name, *cells, ratio(s, u), ratio(s, f), ratio(s, p), ratio(p, u),
+                     f"{100 * s / n:.0f}%"])
     print("## Requests per second (median)\n")
     print(table(header, rows))
 

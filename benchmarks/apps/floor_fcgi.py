@@ -1,0 +1,134 @@
+"""The pure-Python floor of bench_wsgi.py: the least a FastCGI WSGI responder has to do.
+
+    python3 floor_fcgi.py SOCKET_PATH
+
+Not a server for use: it exists to measure how fast a WSGI server written in Python can
+be at all, side by side with spawnd-wsgi, uWSGI and flup. Per request it does only what
+every such server must do: split the records, decode PARAMS into the environ (with
+spawnd-wsgi's own ``decode_params``, so the two differ in everything but that), add the
+``wsgi.*`` keys, call benchapp's application, build the status and header block, and
+frame STDOUT and END_REQUEST. Left out, and so not paid for: threads, limits, timeouts,
+management records, multiplexing, ABORT_REQUEST, graceful stop, header validation, a
+streaming ``wsgi.input`` (the body is collected first), and sharing the listening
+socket with sibling processes (it owns its socket and makes it non-blocking, so it
+accepts without spawnd-wsgi's timer-bounded accept()). Any protocol fault closes the
+connection.
+"""
+import io
+import os
+import select
+import socket
+import struct
+import sys
+
+from benchapp import application
+from spawnd.fastcgi.protocol import encode_stream
+from spawnd.wsgi.environ import decode_params
+
+HEADER = struct.Struct(">BBHHBx")
+CLOSE_AND_END = struct.Struct(">BBHHBxBBHHBxIB3x")
+STDOUT = 6
+BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
+        "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
+        "wsgi.url_scheme": "http"}
+
+
+def respond(rid: int, params: bytes, body: bytes) -> bytes:
+    environ = decode_params(params)
+    environ.update(BASE)
+    environ["wsgi.input"] = io.BytesIO(body)
+    head = []
+
+    def start_response(status, headers, exc_info=None):
+        head.append("Status: %s\r\n%s\r\n" % (status, "".join("%s: %s\r\n" % h
+                                                             for h in headers)))
+    result = application(environ, start_response)
+    data = b"".join((head[0].encode("latin-1"), *result))
+    return b"".join((encode_stream(STDOUT, rid, data),
+                     CLOSE_AND_END.pack(1, STDOUT, rid, 0, 0, 1, 3, rid, 8, 0, 0, 0)))
+
+
+class Conn:
+    __slots__ = ("sock", "buf", "params", "body", "keep")
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.params, self.body, self.keep = sock, b"", [], [], False
+
+    def feed(self, data: bytes) -> bool:
+        """Take received bytes, answer every complete request; False: close."""
+        buf = self.buf + data if self.buf else data
+        off, n = 0, len(buf)
+        while n - off >= 8:
+            _, rtype, rid, clen, plen = HEADER.unpack_from(buf, off)
+            end = off + 8 + clen
+            if end + plen > n:
+                break
+            if rtype == 1:                          # BEGIN_REQUEST
+                self.keep = bool(buf[off + 10] & 1)
+            elif rtype == 4 and clen:               # PARAMS
+                self.params.append(buf[off + 8:end])
+            elif rtype == 5:                        # STDIN
+                if clen:
+                    self.body.append(buf[off + 8:end])
+                else:
+                    out = respond(rid, b"".join(self.params), b"".join(self.body))
+                    self.params, self.body = [], []
+                    self.sock.sendall(out)
+                    if not self.keep:
+                        return False
+            off = end + plen
+        self.buf = buf[off:]
+        return True
+
+
+def serve(conn: Conn, flags: int = 0) -> bool:
+    """Read and answer; False when the connection is to be closed (its end, or any fault
+    at all). BlockingIOError (with MSG_DONTWAIT) propagates: nothing to read yet."""
+    try:
+        data = conn.sock.recv(1 << 16, flags)
+        return bool(data) and conn.feed(data)
+    except BlockingIOError:
+        raise
+    except Exception:           # a floor, not a server: drop the connection
+        return False
+
+
+def main() -> None:
+    path = sys.argv[1]
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1024)
+    listener.setblocking(False)
+    lfd = listener.fileno()
+    epoll = select.epoll()
+    epoll.register(lfd, select.EPOLLIN)
+    conns = {}
+    while True:
+        for fd, _ in epoll.poll():
+            if fd == lfd:
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    conn = Conn(sock)
+                    try:        # the request usually came with the connection
+                        alive = serve(conn, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        alive = True
+                    if alive:
+                        conns[sock.fileno()] = conn
+                        epoll.register(sock.fileno(), select.EPOLLIN)
+                    else:
+                        sock.close()
+                continue
+            conn = conns[fd]
+            if not serve(conn):
+                del conns[fd]
+                conn.sock.close()
+
+
+if __name__ == "__main__":
+    main()
