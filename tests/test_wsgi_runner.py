@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import struct
 import subprocess
+import termios
 import threading
 import time
 
@@ -16,7 +18,7 @@ from spawnd import health
 from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, PARAMS,
                                      STDIN, STDOUT, UNKNOWN_ROLE, ClientConnection, EndRequest,
                                      GetValuesResult, Stdout, encode_pairs, encode_record)
-from support.proc import cpu_ticks
+from support.proc import blocked_syscall, cpu_ticks
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
 
@@ -28,6 +30,8 @@ def hello(environ, start_response):
     return [b"hello pid=%d path=%s" % (os.getpid(), environ["PATH_INFO"].encode("latin-1"))]
 
 def echo(environ, start_response):
+    if "READING" in os.environ:                 # tell the test the body is being read
+        open(os.environ["READING"], "w").close()
     body = environ["wsgi.input"].read()
     start_response("200 OK", [("Content-Type", "application/octet-stream")])
     return [body]
@@ -279,6 +283,160 @@ def test_large_upload_and_download_through_the_protocol(appdir):
         ex = Exchange(r.path)
         out, _, end = ex.request(cgi_params("/", "POST", body=body), body)
         assert split_cgi(out)[2] == body and end.app_status == 0
+
+
+class _Pusher:
+    """Sends ``wire`` on a non-blocking socket as far as the peer takes it."""
+
+    def __init__(self, sock: socket.socket, wire: bytes) -> None:
+        self.sock, self.wire, self.sent = sock, memoryview(wire), 0
+        sock.setblocking(False)
+
+    def push(self) -> int:
+        try:
+            while self.sent < len(self.wire):
+                self.sent += self.sock.send(self.wire[self.sent:])
+        except BlockingIOError:
+            pass
+        return self.sent
+
+    def unread(self) -> int:
+        """Bytes sent that the peer has not read yet (TIOCOUTQ)."""
+        return struct.unpack("i", fcntl.ioctl(self.sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+    def finish(self) -> None:
+        """The rest, blocking (call settimeout() first)."""
+        self.sock.sendall(self.wire[self.sent:])
+        self.sent = len(self.wire)
+
+
+def _waiting_for_a_body(r: Runner, a: Exchange, body: bytes, reading: str) -> None:
+    """Start a POST on ``a`` whose body stops after 10 bytes, and return once the
+    application (--threads 1: in the loop thread) waits in wsgi.input.read() for more."""
+    a.sock.sendall(a.conn.begin_request(1, keep_conn=True,
+                                        params=cgi_params("/", "POST", body=body))
+                   + a.conn.send_stdin(1, body[:10]))
+
+    def asleep_in_read():
+        if not os.path.exists(reading):
+            return False
+        with open(f"/proc/{r.proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "S"
+    wait_until(asleep_in_read, what="the application to wait for the rest of its body")
+
+
+def _idle_keepalive(r: Runner) -> Exchange:
+    """A connection the runner has accepted and served once, now idle (as nginx's
+    upstream keepalive connections are)."""
+    ex = Exchange(r.path)
+    assert split_cgi(ex.request(cgi_params("/", "POST", body=b"hi"), b"hi",
+                                keep_conn=True)[0])[2] == b"hi"
+    return ex
+
+
+def test_one_thread_reads_other_bodies_ahead_while_a_request_waits_for_its_own(appdir):
+    """With --threads 1, while the application waits for its body, a large request on
+    another (idle, kept) connection is read into memory, so its sender is not held up by
+    the socket buffer; it is served, whole, once the first request is done."""
+    a_body, b_body = os.urandom(100_000), os.urandom(768 << 10)   # > a socket buffer
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+        b = _idle_keepalive(r)
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        wire = b.conn.begin_request(1, keep_conn=True,
+                                    params=cgi_params("/", "POST", body=b_body)) + \
+            b.conn.send_stdin(1, b_body) + b.conn.send_stdin(1, b"")
+        pusher = _Pusher(b.sock, wire)
+        wait_until(lambda: pusher.push() == len(wire) and pusher.unread() == 0,
+                   what="the runner to take all of the other request while one waits")
+        b.sock.settimeout(10)
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        assert split_cgi(b.response()[0])[2] == b_body          # served from memory
+        assert split_cgi(b.request(cgi_params("/", "POST", body=b"again"), b"again",
+                                   keep_conn=True)[0])[2] == b"again"
+
+
+def test_a_protocol_error_read_ahead_closes_only_that_connection(appdir):
+    """Garbage on another connection while a request waits for its body: that connection
+    is closed then and there (no reset: shut down and drained), the waiting request and
+    the idle connections are unharmed."""
+    a_body = os.urandom(5000)
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+        bad, idle = _idle_keepalive(r), _idle_keepalive(r)
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        bad.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert bad.closed_by_peer(), "the broken connection is closed while A waits"
+        idle.sock.sendall(idle.conn.begin_request(1, keep_conn=True, params=cgi_params(
+            "/", "POST", body=b"idle")) + idle.conn.send_stdin(1, b"idle")
+            + idle.conn.send_stdin(1, b""))
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        assert split_cgi(idle.response()[0])[2] == b"idle"
+        assert "FastCGI protocol error" in r.stderr()
+
+
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "with-an-idle-connection"])
+def test_a_body_that_stops_coming_is_given_up_after_the_io_timeout(appdir, others):
+    """--io-timeout bounds the wait for a request body, whether the runner waits in a
+    blocking read (no other connection) or reading the others ahead; the connection is
+    closed, the others and the runner go on."""
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", "--io-timeout", "0.5",
+                env={"READING": reading}) as r:
+        idle = [_idle_keepalive(r) for _ in range(others)]
+        if others:
+            os.unlink(reading)
+        a = Exchange(r.path)
+        started = time.monotonic()
+        _waiting_for_a_body(r, a, b"x" * 100, reading)
+        assert a.closed_by_peer(timeout=10)
+        assert 0.4 < time.monotonic() - started < 5
+        assert "reading the request body: nothing came for 0.5s (--io-timeout)" \
+            in r.stderr()
+        for ex in idle:
+            assert split_cgi(ex.request(cgi_params("/", "POST", body=b"ok"), b"ok",
+                                        keep_conn=True)[0])[2] == b"ok"
+
+
+def test_reading_ahead_stops_at_its_bound_and_the_rest_follows(appdir):
+    """What is read ahead for one connection is bounded (READ_AHEAD): the runner stops
+    watching it (its unread data stays in the socket) and reads the rest only when its
+    request is served."""
+    a_body, b_body = os.urandom(1000), os.urandom(3 << 20)
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+        b = _idle_keepalive(r)
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        wire = b.conn.begin_request(1, keep_conn=True,
+                                    params=cgi_params("/", "POST", body=b_body)) + \
+            b.conn.send_stdin(1, b_body) + b.conn.send_stdin(1, b"")
+        pusher = _Pusher(b.sock, wire)
+
+        def capped():
+            pusher.push()
+            call = blocked_syscall(r.proc.pid)
+            # waiting in poll() on one descriptor (the waiting request's) while the
+            # other connection has data the runner has not read: it is no longer watched
+            return call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1 \
+                and pusher.unread() > 0
+        wait_until(capped, what="the runner to stop reading the other connection ahead")
+        assert (1 << 20) <= pusher.sent < (2 << 20), pusher.sent
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        b.sock.settimeout(10)
+        sender = threading.Thread(target=pusher.finish)
+        sender.start()
+        assert split_cgi(b.response()[0])[2] == b_body
+        sender.join(10)
+        assert pusher.sent == len(wire)
 
 
 @pytest.mark.parametrize("garbage", [

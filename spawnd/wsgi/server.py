@@ -28,6 +28,12 @@ Threads and who owns what
   ``wsgi.input`` (the socket buffer is the backpressure: memory stays bounded however
   large the upload), writes the response, and hands the connection back (re-arming its
   EPOLLONESHOT registration) or closes it.
+* With ``--threads 1``, while the application waits for more of its body, the loop
+  thread polls that connection together with the others and reads what arrives on them
+  into their buffers (bounded: READ_AHEAD each, READ_AHEAD_TOTAL in all): the web server
+  can go on sending other requests and bodies instead of waiting for this one to end
+  (a Unix socket buffers only ~208 KiB). Requests read ahead are served when the current
+  one is done (``_ready``).
 * Accepted sockets are blocking. Writes are tried with MSG_DONTWAIT first; only a
   connection that has to wait (a response larger than the socket buffer, a body read
   from the socket) gets the ``--io-timeout`` deadlines (SO_SNDTIMEO/SO_RCVTIMEO), once,
@@ -66,6 +72,11 @@ RECV_SIZE = 1 << 16
 # web server per MiB: 1 MiB POST 2-9% less CPU in A/B runs), still under the mmap
 # threshold.
 BODY_RECV_SIZE = 120 << 10
+# --threads 1, while the application waits for more of its request body: what the web
+# server sends on the other connections is read into their buffers meanwhile (see
+# _read_ahead), up to READ_AHEAD bytes per connection and READ_AHEAD_TOTAL in all.
+READ_AHEAD = 1 << 20
+READ_AHEAD_TOTAL = 16 << 20
 DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
 DRAIN_TIME = 2.0            # seconds a draining connection may take
 ROLE_NAMES = {RESPONDER: "RESPONDER", AUTHORIZER: "AUTHORIZER"}   # the roles served
@@ -165,7 +176,8 @@ class RepliesUnread(OSError):
 
 class Conn:
     __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
-                 "draining", "deadline", "drained", "eof", "pending", "mask", "timeval")
+                 "draining", "deadline", "drained", "eof", "pending", "mask", "timeval",
+                 "ahead")
 
     def __init__(self, sock: socket.socket, proto: ServerConnection, mask: int,
                  timeval: bytes) -> None:
@@ -184,6 +196,7 @@ class Conn:
         self.pending = b""          # automatic replies the peer has not taken yet
         self.mask = mask            # the connection's epoll registration (0: none yet)
         self.timeval = timeval      # --io-timeout as a struct timeval; None once set
+        self.ahead = 0              # bytes read ahead (_read_ahead) since last dispatched
 
     def blocking(self) -> socket.socket:
         """The socket, with the --io-timeout deadlines set on it (once) before a call
@@ -275,6 +288,7 @@ class Server:
         self.allowed = allowed if self._tcp else None
         tv = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))
         self._timeval = tv
+        self._io_timeout = io_timeout
         self.requests = 0
         self.stopping = False
         self.conns: dict[int, Conn] = {}
@@ -293,6 +307,8 @@ class Server:
         self._exit: BaseException | None = None
         self._stop_event = threading.Event()
         self._in_app = 0            # --threads > 1: connections handed to the workers
+        self._ahead_total = 0       # --threads 1: bytes read ahead, not yet dispatched
+        self._ready: collections.deque = collections.deque()   # read ahead: to look at
         self._bound: ThreadTimer | None = None
         self._work: queue.SimpleQueue | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -477,6 +493,10 @@ class Server:
                             self._close(conn)
                             continue
                     self._on_readable(conn)
+            while self._ready:      # read ahead while a request waited for its body
+                conn = self._ready.popleft()
+                if not conn.closed and not conn.busy and not conn.draining:
+                    self._after_input(conn)
             if self._draining:
                 self._expire_drains()
             if self.stopping:
@@ -511,20 +531,33 @@ class Server:
             return self._drain(conn)
         try:
             data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return self._rearm(conn)
+        except BlockingIOError:     # (a request read ahead may be waiting in events)
+            return self._after_input(conn)
         except OSError:
             return self._close(conn)
+        if self._take(conn, data):
+            self._after_input(conn)
+
+    def _take(self, conn: Conn, data: bytes) -> bool:
+        """Feed received bytes to the connection; False (and the connection closed) when
+        the peer broke the protocol or is gone."""
         try:
             conn.feed(data)
         except ProtocolError as exc:
             log(f"closing connection: FastCGI protocol error: {exc}")
-            return self._close(conn, graceful=True)
+            self._close(conn, graceful=True)
+            return False
         except RepliesUnread as exc:
             log(f"closing connection: {exc}")
-            return self._close(conn)
+            self._close(conn)
+            return False
         except OSError:
-            return self._close(conn)
+            self._close(conn)
+            return False
+        return True
+
+    def _after_input(self, conn: Conn) -> None:
+        """An idle connection got input: serve its request, close it, or watch it."""
         if conn.events and type(conn.events[0]) is Request:
             return self._dispatch(conn)
         if conn.eof:
@@ -537,6 +570,9 @@ class Server:
 
     def _dispatch(self, conn: Conn) -> None:
         conn.busy = True
+        if conn.ahead:
+            self._ahead_total -= conn.ahead
+            conn.ahead = 0
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
@@ -574,6 +610,9 @@ class Server:
                     return
             conn.closed = True
             conn.draining = False
+            if conn.ahead:
+                self._ahead_total -= conn.ahead
+                conn.ahead = 0
             self.conns.pop(conn.fd, None)
             conn.sock.close()       # also leaves the epoll set (the fd is never dup'ed)
         if self.stopping and threading.current_thread() is not threading.main_thread():
@@ -731,11 +770,66 @@ class Server:
             if conn.eof:
                 raise ClientDisconnected("the web server closed the connection")
             try:
-                data = conn.blocking().recv(BODY_RECV_SIZE)
+                if self._work is None and len(self.conns) > 1:
+                    data = self._read_ahead(conn)
+                else:
+                    data = conn.blocking().recv(BODY_RECV_SIZE)
                 conn.feed(data)
             except ProtocolError as exc:
                 conn.eof = True
                 raise ClientDisconnected(f"FastCGI protocol error: {exc}") from None
             except OSError as exc:
                 conn.eof = True
+                if isinstance(exc, (BlockingIOError, TimeoutError)):   # SO_RCVTIMEO
+                    exc = f"nothing came for {self._io_timeout:g}s (--io-timeout)"
                 raise ClientDisconnected(f"reading the request body: {exc}") from None
+
+    def _read_ahead(self, conn: Conn) -> bytes:
+        """--threads 1: the application waits for more of ``conn``'s body. Until it
+        comes (at most --io-timeout), read what the web server sends on the other
+        connections into their buffers, so that it can go on sending them instead of
+        waiting for this request to end: a Unix socket holds only the sender's
+        SO_SNDBUF (~208 KiB), a fraction of a large upload. At most READ_AHEAD bytes per
+        connection and READ_AHEAD_TOTAL in all wait in memory; a request read this way
+        is served by the loop when this one is done (``_ready``). Returns ``conn``'s
+        data as ``recv`` would; TimeoutError at the deadline."""
+        try:
+            return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + self._io_timeout
+        while True:
+            watch = select.poll()
+            watch.register(conn.fd, select.POLLIN)
+            if self._ahead_total < READ_AHEAD_TOTAL:
+                for other in self.conns.values():
+                    if other.ahead < READ_AHEAD and other is not conn and not (
+                            other.busy or other.closed or other.draining or other.eof):
+                        watch.register(other.fd, select.POLLIN)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            mine = False
+            for fd, _ in watch.poll(left * 1000):
+                if fd == conn.fd:
+                    mine = True
+                    continue
+                other = self.conns.get(fd)
+                if other is None or other.closed:
+                    continue
+                try:
+                    data = other.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._close(other)
+                    continue
+                other.ahead += len(data)
+                self._ahead_total += len(data)
+                if self._take(other, data):
+                    self._ready.append(other)   # the loop decides, as for _on_readable
+            if mine:
+                try:
+                    return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass                # (spurious: poll again)
