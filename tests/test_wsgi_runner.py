@@ -381,6 +381,45 @@ def test_a_protocol_error_read_ahead_closes_only_that_connection(appdir):
         assert "FastCGI protocol error" in r.stderr()
 
 
+def test_reading_ahead_stops_at_its_bound_for_all_connections(appdir):
+    """The bound for all connections together (READ_AHEAD_TOTAL, lowered to 1 MiB here
+    so that two 960 KiB uploads exceed it and neither exceeds its own 1 MiB): once it is
+    reached, no other connection is watched; everything is served afterwards."""
+    a_body, bodies = os.urandom(1000), [os.urandom(960 << 10) for _ in range(2)]
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", env={"READING": reading},
+                limits={"READ_AHEAD_TOTAL": 1 << 20}) as r:
+        others = [_idle_keepalive(r) for _ in bodies]
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        pushers = [_Pusher(ex.sock, ex.conn.begin_request(
+            1, keep_conn=True, params=cgi_params("/", "POST", body=body))
+            + ex.conn.send_stdin(1, body) + ex.conn.send_stdin(1, b""))
+            for ex, body in zip(others, bodies)]
+
+        def capped():
+            for p in pushers:
+                p.push()
+            call = blocked_syscall(r.proc.pid)
+            return call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1 \
+                and sum(p.unread() for p in pushers) > 0
+        wait_until(capped, what="the runner to stop reading ahead at the total bound")
+        sent = sum(p.sent for p in pushers)
+        assert (1 << 20) <= sent < len(pushers) * len(pushers[0].wire), sent
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        senders = []
+        for p in pushers:
+            p.sock.settimeout(10)
+            senders.append(threading.Thread(target=p.finish))
+            senders[-1].start()
+        for ex, body in zip(others, bodies):
+            assert split_cgi(ex.response()[0])[2] == body
+        for t in senders:
+            t.join(10)
+
+
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "with-an-idle-connection"])
 def test_a_body_that_stops_coming_is_given_up_after_the_io_timeout(appdir, others):
     """--io-timeout bounds the wait for a request body, whether the runner waits in a

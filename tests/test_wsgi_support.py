@@ -52,11 +52,15 @@ class Runner:
 
     def __init__(self, directory, app: str, *args, sock_path: str | None = None,
                  listener: socket.socket | None = None, env=None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, limits: dict | None = None) -> None:
         self.dir = str(directory)
         self.path = sock_path
         self.errfile = os.path.join(self.dir, f"runner-{id(self)}.err")
         cmd = [PYTHON, "-m", "spawnd.wsgi.main", "--chdir", self.dir, *args]
+        if limits:      # smaller values of spawnd.wsgi.server's size constants
+            cmd[1:3] = ["-c", "import sys, spawnd.wsgi.server as s, spawnd.wsgi.main as m; "
+                        f"vars(s).update({limits!r}); sys.argv[0] = 'spawnd-wsgi'; "
+                        "sys.exit(m.main())"]
         if listener is None:
             if self.path is None:
                 self.path = os.path.join(self.dir, "app.sock")
