@@ -310,11 +310,12 @@ class _Pusher:
         self.sent = len(self.wire)
 
 
-def _waiting_for_a_body(r: Runner, a: Exchange, body: bytes, reading: str) -> None:
+def _waiting_for_a_body(r: Runner, a: Exchange, body: bytes, reading: str,
+                        path: str = "/") -> None:
     """Start a POST on ``a`` whose body stops after 10 bytes, and return once the
     application (--threads 1: in the loop thread) waits in wsgi.input.read() for more."""
     a.sock.sendall(a.conn.begin_request(1, keep_conn=True,
-                                        params=cgi_params("/", "POST", body=body))
+                                        params=cgi_params(path, "POST", body=body))
                    + a.conn.send_stdin(1, body[:10]))
 
     def asleep_in_read():
@@ -325,11 +326,11 @@ def _waiting_for_a_body(r: Runner, a: Exchange, body: bytes, reading: str) -> No
     wait_until(asleep_in_read, what="the application to wait for the rest of its body")
 
 
-def _idle_keepalive(r: Runner) -> Exchange:
-    """A connection the runner has accepted and served once, now idle (as nginx's
-    upstream keepalive connections are)."""
+def _idle_keepalive(r: Runner, path: str = "/") -> Exchange:
+    """A connection the runner has accepted and served once (an echo), now idle (as
+    nginx's upstream keepalive connections are)."""
     ex = Exchange(r.path)
-    assert split_cgi(ex.request(cgi_params("/", "POST", body=b"hi"), b"hi",
+    assert split_cgi(ex.request(cgi_params(path, "POST", body=b"hi"), b"hi",
                                 keep_conn=True)[0])[2] == b"hi"
     return ex
 
@@ -441,6 +442,89 @@ def test_a_body_that_stops_coming_is_given_up_after_the_io_timeout(appdir, other
         for ex in idle:
             assert split_cgi(ex.request(cgi_params("/", "POST", body=b"ok"), b"ok",
                                         keep_conn=True)[0])[2] == b"ok"
+
+
+def test_a_request_read_ahead_is_answered_though_its_sender_half_closed(appdir):
+    """A web server may shut down its sending side after a request (no more input, the
+    answer still wanted). Read ahead, that end of input stays in the socket until the
+    request is answered."""
+    a_body = os.urandom(5000)
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+        b = _idle_keepalive(r)
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        b.sock.sendall(b.conn.begin_request(1, params=cgi_params("/", "POST", body=b"bee"))
+                       + b.conn.send_stdin(1, b"bee") + b.conn.send_stdin(1, b""))
+        b.sock.shutdown(socket.SHUT_WR)
+        pusher = _Pusher(b.sock, b"")
+        wait_until(lambda: pusher.unread() == 0, what="the half-closed request read ahead")
+        b.sock.setblocking(True)
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        assert split_cgi(b.response()[0])[2] == b"bee"
+
+
+@pytest.mark.parametrize("io_timeout", ["0", "30d"])
+def test_no_or_a_long_io_timeout_lets_a_body_wait_while_reading_ahead(appdir, io_timeout):
+    """--io-timeout 0 means no limit (as for the sockets' own timeouts), and a limit
+    longer than poll() takes in one call is waited in slices: neither fails the wait."""
+    a_body = os.urandom(5000)
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:echo", "--io-timeout", io_timeout,
+                env={"READING": reading}) as r:
+        b = _idle_keepalive(r)
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, a_body, reading)
+        wait_until(lambda: (blocked_syscall(r.proc.pid) or ("",))[0] in ("poll", "ppoll"),
+                   what="the runner to wait in poll() for the body")
+        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == a_body
+        assert split_cgi(b.request(cgi_params("/", "POST", body=b"ok"), b"ok",
+                                   keep_conn=True)[0])[2] == b"ok"
+        assert "Error" not in r.stderr(), r.stderr()
+
+
+def test_input_read_ahead_and_discarded_does_not_count_against_the_bound(appdir):
+    """The late body of a request that was answered without reading it is read ahead
+    and thrown away by the protocol: it must not keep using the bound for all
+    connections (lowered to 128 KiB here), or reading ahead would stop for good."""
+    late, upload = os.urandom(200 << 10), os.urandom(100 << 10)
+    reading = str(appdir / "reading")
+    with Runner(appdir, "apps:router", env={"READING": reading},
+                limits={"READ_AHEAD_TOTAL": 128 << 10}) as r:
+        b = Exchange(r.path)            # answered at once: hello does not read its body
+        b.sock.sendall(b.conn.begin_request(1, keep_conn=True,
+                                            params=cgi_params("/hello", "POST", body=late)))
+        assert split_cgi(b.response()[0])[0] == 200
+        c = _idle_keepalive(r, "/echo")
+        os.unlink(reading)
+        a = Exchange(r.path)
+        _waiting_for_a_body(r, a, b"x" * 100, reading, "/echo")
+        late_wire = _Pusher(b.sock, b.conn.send_stdin(1, late) + b.conn.send_stdin(1, b""))
+
+        def bound_reached():            # read ahead (and dropped) up to the bound
+            call = blocked_syscall(r.proc.pid)
+            return late_wire.push() == len(late_wire.wire) and late_wire.unread() > 0 \
+                and call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1
+        wait_until(bound_reached, what="the late body to be read ahead up to the bound")
+        a.sock.sendall(a.conn.send_stdin(1, b"x" * 90) + a.conn.send_stdin(1, b""))
+        assert split_cgi(a.response()[0])[2] == b"x" * 100
+        os.unlink(reading)
+        a2 = Exchange(r.path)
+        _waiting_for_a_body(r, a2, b"y" * 100, reading, "/echo")
+        wire = c.conn.begin_request(1, keep_conn=True,
+                                    params=cgi_params("/echo", "POST", body=upload)) + \
+            c.conn.send_stdin(1, upload) + c.conn.send_stdin(1, b"")
+        pusher = _Pusher(c.sock, wire)
+        wait_until(lambda: pusher.push() == len(wire) and pusher.unread() == 0,
+                   what="a new upload to be read ahead again")
+        c.sock.settimeout(10)
+        a2.sock.sendall(a2.conn.send_stdin(1, b"y" * 90) + a2.conn.send_stdin(1, b""))
+        assert split_cgi(a2.response()[0])[2] == b"y" * 100
+        assert split_cgi(c.response()[0])[2] == upload
 
 
 def test_reading_ahead_stops_at_its_bound_and_the_rest_follows(appdir):

@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
                         "still take (default 30s)")
     p.add_argument("--io-timeout", type=duration, default=60.0, metavar="DURATION",
                    help="a blocked read or write on a connection fails after this "
-                        "(default 60s)")
+                        "(default 60s; 0: no limit)")
     p.add_argument("--chdir", metavar="DIR",
                    help="change to DIR before importing, and put DIR first on sys.path")
     p.add_argument("-e", "--env-file", action="append", default=[], metavar="FILE",

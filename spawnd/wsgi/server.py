@@ -77,6 +77,7 @@ BODY_RECV_SIZE = 120 << 10
 # _read_ahead), up to READ_AHEAD bytes per connection and READ_AHEAD_TOTAL in all.
 READ_AHEAD = 1 << 20
 READ_AHEAD_TOTAL = 16 << 20
+POLL_SLICE = 3600.0         # longest single poll() wait (its timeout is an int of ms)
 DRAIN_LIMIT = 1 << 20       # bytes read and discarded before closing a connection
 DRAIN_TIME = 2.0            # seconds a draining connection may take
 ROLE_NAMES = {RESPONDER: "RESPONDER", AUTHORIZER: "AUTHORIZER"}   # the roles served
@@ -288,7 +289,8 @@ class Server:
         self.allowed = allowed if self._tcp else None
         tv = struct.pack("ll", int(io_timeout), int((io_timeout % 1) * 1e6))
         self._timeval = tv
-        self._io_timeout = io_timeout
+        # None: no limit, as for the sockets, where a zero timeval means none
+        self._io_timeout = io_timeout if tv != bytes(len(tv)) else None
         self.requests = 0
         self.stopping = False
         self.conns: dict[int, Conn] = {}
@@ -560,6 +562,8 @@ class Server:
         """An idle connection got input: serve its request, close it, or watch it."""
         if conn.events and type(conn.events[0]) is Request:
             return self._dispatch(conn)
+        if not conn.events:         # what was read ahead is not kept (not a request yet:
+            self._release(conn)     # PARAMS are bounded by themselves; or discarded)
         if conn.eof:
             return self._close(conn)
         if not conn.proto.keep_conn and not conn.proto.active_requests:
@@ -568,11 +572,15 @@ class Server:
             return self._close(conn, graceful=True)
         self._rearm(conn)
 
-    def _dispatch(self, conn: Conn) -> None:
-        conn.busy = True
+    def _release(self, conn: Conn) -> None:
+        """What was read ahead of ``conn`` no longer counts against READ_AHEAD_TOTAL."""
         if conn.ahead:
             self._ahead_total -= conn.ahead
             conn.ahead = 0
+
+    def _dispatch(self, conn: Conn) -> None:
+        conn.busy = True
+        self._release(conn)         # its application consumes it now
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
@@ -610,9 +618,7 @@ class Server:
                     return
             conn.closed = True
             conn.draining = False
-            if conn.ahead:
-                self._ahead_total -= conn.ahead
-                conn.ahead = 0
+            self._release(conn)
             self.conns.pop(conn.fd, None)
             conn.sock.close()       # also leaves the epoll set (the fd is never dup'ed)
         if self.stopping and threading.current_thread() is not threading.main_thread():
@@ -790,46 +796,66 @@ class Server:
         connections into their buffers, so that it can go on sending them instead of
         waiting for this request to end: a Unix socket holds only the sender's
         SO_SNDBUF (~208 KiB), a fraction of a large upload. At most READ_AHEAD bytes per
-        connection and READ_AHEAD_TOTAL in all wait in memory; a request read this way
-        is served by the loop when this one is done (``_ready``). Returns ``conn``'s
-        data as ``recv`` would; TimeoutError at the deadline."""
+        connection and READ_AHEAD_TOTAL in all are held; a request read this way is
+        served by the loop when this one is done (``_ready``). Returns ``conn``'s data
+        as ``recv`` would; TimeoutError at the deadline."""
         try:
             return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
-        deadline = time.monotonic() + self._io_timeout
+        deadline = None if self._io_timeout is None else time.monotonic() + self._io_timeout
+        watch = select.poll()
+        watch.register(conn.fd, select.POLLIN)
+        others = set()
+        for other in self.conns.values():
+            if other is not conn and other.ahead < READ_AHEAD and not (
+                    other.busy or other.closed or other.draining or other.eof):
+                watch.register(other.fd, select.POLLIN)
+                others.add(other.fd)
         while True:
-            watch = select.poll()
-            watch.register(conn.fd, select.POLLIN)
-            if self._ahead_total < READ_AHEAD_TOTAL:
-                for other in self.conns.values():
-                    if other.ahead < READ_AHEAD and other is not conn and not (
-                            other.busy or other.closed or other.draining or other.eof):
-                        watch.register(other.fd, select.POLLIN)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
+            if others and self._ahead_total >= READ_AHEAD_TOTAL:
+                for fd in others:
+                    watch.unregister(fd)
+                others.clear()
+            wait = POLL_SLICE
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError("timed out")
             mine = False
-            for fd, _ in watch.poll(left * 1000):
+            for fd, _ in watch.poll(wait * 1000):
                 if fd == conn.fd:
                     mine = True
-                    continue
-                other = self.conns.get(fd)
-                if other is None or other.closed:
-                    continue
-                try:
-                    data = other.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    self._close(other)
-                    continue
-                other.ahead += len(data)
-                self._ahead_total += len(data)
-                if self._take(other, data):
-                    self._ready.append(other)   # the loop decides, as for _on_readable
+                elif fd in others:
+                    other = self.conns.get(fd)
+                    if other is None or not self._read_early(other):
+                        watch.unregister(fd)
+                        others.discard(fd)
             if mine:
                 try:
                     return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     pass                # (spurious: poll again)
+
+    def _read_early(self, conn: Conn) -> bool:
+        """One read of another connection's input for ``_read_ahead``, within the
+        bounds. False when it is not to be watched any more (at its bound, closed, or
+        at its end: the end of input is left in the socket, for the loop to read once
+        a request read ahead is answered, so a web server that half-closes after its
+        request still gets the answer)."""
+        room = min(RECV_SIZE, READ_AHEAD - conn.ahead, READ_AHEAD_TOTAL - self._ahead_total)
+        if room <= 0:
+            return False
+        try:
+            data = conn.sock.recv(room, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            self._close(conn)
+            return False
+        self._ready.append(conn)    # the loop decides what follows, as for _on_readable
+        if not data:
+            return False
+        conn.ahead += len(data)
+        self._ahead_total += len(data)
+        return self._take(conn, data) and conn.ahead < READ_AHEAD and not conn.draining
