@@ -300,30 +300,31 @@ class _Pusher:
             pass
         return self.sent
 
+    def pushed_and_read(self) -> bool:
+        """All of it sent, and all of that read by the peer."""
+        return self.push() == len(self.wire) and self.unread() == 0
+
     def unread(self) -> int:
         """Bytes sent that the peer has not read yet (TIOCOUTQ)."""
         return struct.unpack("i", fcntl.ioctl(self.sock, termios.TIOCOUTQ, b"\0" * 4))[0]
 
-    def finish(self) -> None:
-        """The rest, blocking (call settimeout() first)."""
-        self.sock.sendall(self.wire[self.sent:])
-        self.sent = len(self.wire)
+    def finish(self) -> threading.Thread:
+        """Send the rest, blocking, from a thread (the runner may read it only once the
+        test reads its answers)."""
+        self.sock.settimeout(10)
+
+        def rest():
+            self.sock.sendall(self.wire[self.sent:])
+            self.sent = len(self.wire)
+        sender = threading.Thread(target=rest)
+        sender.start()
+        return sender
 
 
-def _waiting_for_a_body(r: Runner, a: Exchange, body: bytes, reading: str,
-                        path: str = "/") -> None:
-    """Start a POST on ``a`` whose body stops after 10 bytes, and return once the
-    application (--threads 1: in the loop thread) waits in wsgi.input.read() for more."""
-    a.sock.sendall(a.conn.begin_request(1, keep_conn=True,
-                                        params=cgi_params(path, "POST", body=body))
-                   + a.conn.send_stdin(1, body[:10]))
-
-    def asleep_in_read():
-        if not os.path.exists(reading):
-            return False
-        with open(f"/proc/{r.proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "S"
-    wait_until(asleep_in_read, what="the application to wait for the rest of its body")
+def _upload(ex: Exchange, body: bytes, path: str = "/") -> _Pusher:
+    """A whole keep-alive POST of ``body`` on ``ex``, to be pushed without blocking."""
+    return _Pusher(ex.sock, ex.conn.begin_request(1, keep_conn=True, params=cgi_params(
+        path, "POST", body=body)) + ex.conn.send_stdin(1, body) + ex.conn.send_stdin(1, b""))
 
 
 def _idle_keepalive(r: Runner, path: str = "/") -> Exchange:
@@ -335,26 +336,63 @@ def _idle_keepalive(r: Runner, path: str = "/") -> Exchange:
     return ex
 
 
+class _Waiting:
+    """A POST on a new connection whose body stops after 10 bytes; ``start`` returns
+    once its application (--threads 1: in the loop thread) waits in wsgi.input.read()
+    for the rest (the app "echo" touches the file $READING when it starts reading)."""
+
+    def __init__(self, r: Runner, body: bytes, path: str = "/") -> None:
+        self.r, self.body, self.path = r, body, path
+        self.ex = Exchange(r.path)
+
+    def start(self) -> "_Waiting":
+        reading = os.path.join(self.r.dir, "reading")
+        if os.path.exists(reading):
+            os.unlink(reading)
+        ex = self.ex
+        ex.sock.sendall(ex.conn.begin_request(1, keep_conn=True, params=cgi_params(
+            self.path, "POST", body=self.body)) + ex.conn.send_stdin(1, self.body[:10]))
+
+        def asleep_in_read():
+            if not os.path.exists(reading):
+                return False
+            with open(f"/proc/{self.r.proc.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "S"
+        wait_until(asleep_in_read, what="the application to wait for the rest of its body")
+        return self
+
+    def finish(self) -> None:
+        """Send the rest of the body; the echo must be all of it."""
+        ex = self.ex
+        ex.sock.sendall(ex.conn.send_stdin(1, self.body[10:]) + ex.conn.send_stdin(1, b""))
+        assert split_cgi(ex.response()[0])[2] == self.body
+
+
+def _reader(appdir, *args, **kwargs) -> Runner:
+    """A runner of apps:echo (or app=...) that tells when its application reads."""
+    app = kwargs.pop("app", "apps:echo")
+    return Runner(appdir, app, *args, env={"READING": str(appdir / "reading")}, **kwargs)
+
+
+def _polling_only_its_own(r: Runner) -> bool:
+    """The runner waits in poll() on one descriptor: the waiting request's, no other."""
+    call = blocked_syscall(r.proc.pid)
+    return call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1
+
+
 def test_one_thread_reads_other_bodies_ahead_while_a_request_waits_for_its_own(appdir):
     """With --threads 1, while the application waits for its body, a large request on
     another (idle, kept) connection is read into memory, so its sender is not held up by
     the socket buffer; it is served, whole, once the first request is done."""
-    a_body, b_body = os.urandom(100_000), os.urandom(768 << 10)   # > a socket buffer
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+    b_body = os.urandom(768 << 10)                  # more than a socket buffer
+    with _reader(appdir) as r:
         b = _idle_keepalive(r)
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
-        wire = b.conn.begin_request(1, keep_conn=True,
-                                    params=cgi_params("/", "POST", body=b_body)) + \
-            b.conn.send_stdin(1, b_body) + b.conn.send_stdin(1, b"")
-        pusher = _Pusher(b.sock, wire)
-        wait_until(lambda: pusher.push() == len(wire) and pusher.unread() == 0,
+        a = _Waiting(r, os.urandom(100_000)).start()
+        pusher = _upload(b, b_body)
+        wait_until(pusher.pushed_and_read,
                    what="the runner to take all of the other request while one waits")
         b.sock.settimeout(10)
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
+        a.finish()
         assert split_cgi(b.response()[0])[2] == b_body          # served from memory
         assert split_cgi(b.request(cgi_params("/", "POST", body=b"again"), b"again",
                                    keep_conn=True)[0])[2] == b"again"
@@ -364,61 +402,108 @@ def test_a_protocol_error_read_ahead_closes_only_that_connection(appdir):
     """Garbage on another connection while a request waits for its body: that connection
     is closed then and there (no reset: shut down and drained), the waiting request and
     the idle connections are unharmed."""
-    a_body = os.urandom(5000)
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
+    with _reader(appdir) as r:
         bad, idle = _idle_keepalive(r), _idle_keepalive(r)
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
+        a = _Waiting(r, os.urandom(5000)).start()
         bad.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert bad.closed_by_peer(), "the broken connection is closed while A waits"
         idle.sock.sendall(idle.conn.begin_request(1, keep_conn=True, params=cgi_params(
             "/", "POST", body=b"idle")) + idle.conn.send_stdin(1, b"idle")
             + idle.conn.send_stdin(1, b""))
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
+        a.finish()
         assert split_cgi(idle.response()[0])[2] == b"idle"
         assert "FastCGI protocol error" in r.stderr()
+
+
+def test_a_request_read_ahead_is_answered_though_its_sender_half_closed(appdir):
+    """A web server may shut down its sending side after a request (no more input, the
+    answer still wanted). Read ahead, that end of input stays in the socket until the
+    request is answered."""
+    with _reader(appdir) as r:
+        b = _idle_keepalive(r)
+        a = _Waiting(r, os.urandom(5000)).start()
+        b.sock.sendall(b.conn.begin_request(1, params=cgi_params("/", "POST", body=b"bee"))
+                       + b.conn.send_stdin(1, b"bee") + b.conn.send_stdin(1, b""))
+        b.sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: _Pusher(b.sock, b"").unread() == 0,
+                   what="the half-closed request read ahead")
+        b.sock.setblocking(True)
+        a.finish()
+        assert split_cgi(b.response()[0])[2] == b"bee"
+
+
+def test_reading_ahead_stops_at_its_bound_and_the_rest_follows(appdir):
+    """What is read ahead for one connection is bounded (READ_AHEAD): the runner stops
+    watching it (its unread data stays in the socket) and reads the rest only when its
+    request is served."""
+    b_body = os.urandom(3 << 20)
+    with _reader(appdir) as r:
+        b = _idle_keepalive(r)
+        a = _Waiting(r, os.urandom(1000)).start()
+        pusher = _upload(b, b_body)
+
+        def capped():
+            pusher.push()
+            return _polling_only_its_own(r) and pusher.unread() > 0
+        wait_until(capped, what="the runner to stop reading the other connection ahead")
+        assert (1 << 20) <= pusher.sent < (2 << 20), pusher.sent
+        a.finish()
+        sender = pusher.finish()
+        assert split_cgi(b.response()[0])[2] == b_body
+        sender.join(10)
+        assert pusher.sent == len(pusher.wire)
 
 
 def test_reading_ahead_stops_at_its_bound_for_all_connections(appdir):
     """The bound for all connections together (READ_AHEAD_TOTAL, lowered to 1 MiB here
     so that two 960 KiB uploads exceed it and neither exceeds its own 1 MiB): once it is
     reached, no other connection is watched; everything is served afterwards."""
-    a_body, bodies = os.urandom(1000), [os.urandom(960 << 10) for _ in range(2)]
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", env={"READING": reading},
-                limits={"READ_AHEAD_TOTAL": 1 << 20}) as r:
+    bodies = [os.urandom(960 << 10) for _ in range(2)]
+    with _reader(appdir, limits={"READ_AHEAD_TOTAL": 1 << 20}) as r:
         others = [_idle_keepalive(r) for _ in bodies]
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
-        pushers = [_Pusher(ex.sock, ex.conn.begin_request(
-            1, keep_conn=True, params=cgi_params("/", "POST", body=body))
-            + ex.conn.send_stdin(1, body) + ex.conn.send_stdin(1, b""))
-            for ex, body in zip(others, bodies)]
+        a = _Waiting(r, os.urandom(1000)).start()
+        pushers = [_upload(ex, body) for ex, body in zip(others, bodies)]
 
         def capped():
             for p in pushers:
                 p.push()
-            call = blocked_syscall(r.proc.pid)
-            return call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1 \
-                and sum(p.unread() for p in pushers) > 0
+            return _polling_only_its_own(r) and sum(p.unread() for p in pushers) > 0
         wait_until(capped, what="the runner to stop reading ahead at the total bound")
         sent = sum(p.sent for p in pushers)
-        assert (1 << 20) <= sent < len(pushers) * len(pushers[0].wire), sent
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
-        senders = []
-        for p in pushers:
-            p.sock.settimeout(10)
-            senders.append(threading.Thread(target=p.finish))
-            senders[-1].start()
+        assert (1 << 20) <= sent < sum(len(p.wire) for p in pushers), sent
+        a.finish()
+        senders = [p.finish() for p in pushers]
         for ex, body in zip(others, bodies):
             assert split_cgi(ex.response()[0])[2] == body
         for t in senders:
             t.join(10)
+
+
+def test_input_read_ahead_and_discarded_does_not_count_against_the_bound(appdir):
+    """The late body of a request that was answered without reading it is read ahead
+    and thrown away by the protocol: it must not keep using the bound for all
+    connections (lowered to 128 KiB here), or reading ahead would stop for good."""
+    late, upload = os.urandom(200 << 10), os.urandom(100 << 10)
+    with _reader(appdir, app="apps:router", limits={"READ_AHEAD_TOTAL": 128 << 10}) as r:
+        b = Exchange(r.path)            # answered at once: hello does not read its body
+        b.sock.sendall(b.conn.begin_request(1, keep_conn=True,
+                                            params=cgi_params("/hello", "POST", body=late)))
+        assert split_cgi(b.response()[0])[0] == 200
+        c = _idle_keepalive(r, "/echo")
+        a = _Waiting(r, b"x" * 100, "/echo").start()
+        late_wire = _Pusher(b.sock, b.conn.send_stdin(1, late) + b.conn.send_stdin(1, b""))
+
+        def bound_reached():            # read ahead (and dropped) up to the bound
+            return late_wire.push() == len(late_wire.wire) and late_wire.unread() > 0 \
+                and _polling_only_its_own(r)
+        wait_until(bound_reached, what="the late body to be read ahead up to the bound")
+        a.finish()
+        a2 = _Waiting(r, b"y" * 100, "/echo").start()
+        pusher = _upload(c, upload, "/echo")
+        wait_until(pusher.pushed_and_read, what="a new upload to be read ahead again")
+        c.sock.settimeout(10)
+        a2.finish()
+        assert split_cgi(c.response()[0])[2] == upload
 
 
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "with-an-idle-connection"])
@@ -426,16 +511,11 @@ def test_a_body_that_stops_coming_is_given_up_after_the_io_timeout(appdir, other
     """--io-timeout bounds the wait for a request body, whether the runner waits in a
     blocking read (no other connection) or reading the others ahead; the connection is
     closed, the others and the runner go on."""
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", "--io-timeout", "0.5",
-                env={"READING": reading}) as r:
+    with _reader(appdir, "--io-timeout", "0.5") as r:
         idle = [_idle_keepalive(r) for _ in range(others)]
-        if others:
-            os.unlink(reading)
-        a = Exchange(r.path)
         started = time.monotonic()
-        _waiting_for_a_body(r, a, b"x" * 100, reading)
-        assert a.closed_by_peer(timeout=10)
+        a = _Waiting(r, b"x" * 100).start()
+        assert a.ex.closed_by_peer(timeout=10)
         assert 0.4 < time.monotonic() - started < 5
         assert "reading the request body: nothing came for 0.5s (--io-timeout)" \
             in r.stderr()
@@ -444,122 +524,19 @@ def test_a_body_that_stops_coming_is_given_up_after_the_io_timeout(appdir, other
                                         keep_conn=True)[0])[2] == b"ok"
 
 
-def test_a_request_read_ahead_is_answered_though_its_sender_half_closed(appdir):
-    """A web server may shut down its sending side after a request (no more input, the
-    answer still wanted). Read ahead, that end of input stays in the socket until the
-    request is answered."""
-    a_body = os.urandom(5000)
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
-        b = _idle_keepalive(r)
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
-        b.sock.sendall(b.conn.begin_request(1, params=cgi_params("/", "POST", body=b"bee"))
-                       + b.conn.send_stdin(1, b"bee") + b.conn.send_stdin(1, b""))
-        b.sock.shutdown(socket.SHUT_WR)
-        pusher = _Pusher(b.sock, b"")
-        wait_until(lambda: pusher.unread() == 0, what="the half-closed request read ahead")
-        b.sock.setblocking(True)
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
-        assert split_cgi(b.response()[0])[2] == b"bee"
-
-
 @pytest.mark.parametrize("io_timeout", ["0", "30d"])
 def test_no_or_a_long_io_timeout_lets_a_body_wait_while_reading_ahead(appdir, io_timeout):
     """--io-timeout 0 means no limit (as for the sockets' own timeouts), and a limit
     longer than poll() takes in one call is waited in slices: neither fails the wait."""
-    a_body = os.urandom(5000)
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", "--io-timeout", io_timeout,
-                env={"READING": reading}) as r:
+    with _reader(appdir, "--io-timeout", io_timeout) as r:
         b = _idle_keepalive(r)
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
+        a = _Waiting(r, os.urandom(5000)).start()
         wait_until(lambda: (blocked_syscall(r.proc.pid) or ("",))[0] in ("poll", "ppoll"),
                    what="the runner to wait in poll() for the body")
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
+        a.finish()
         assert split_cgi(b.request(cgi_params("/", "POST", body=b"ok"), b"ok",
                                    keep_conn=True)[0])[2] == b"ok"
         assert "Error" not in r.stderr(), r.stderr()
-
-
-def test_input_read_ahead_and_discarded_does_not_count_against_the_bound(appdir):
-    """The late body of a request that was answered without reading it is read ahead
-    and thrown away by the protocol: it must not keep using the bound for all
-    connections (lowered to 128 KiB here), or reading ahead would stop for good."""
-    late, upload = os.urandom(200 << 10), os.urandom(100 << 10)
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:router", env={"READING": reading},
-                limits={"READ_AHEAD_TOTAL": 128 << 10}) as r:
-        b = Exchange(r.path)            # answered at once: hello does not read its body
-        b.sock.sendall(b.conn.begin_request(1, keep_conn=True,
-                                            params=cgi_params("/hello", "POST", body=late)))
-        assert split_cgi(b.response()[0])[0] == 200
-        c = _idle_keepalive(r, "/echo")
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, b"x" * 100, reading, "/echo")
-        late_wire = _Pusher(b.sock, b.conn.send_stdin(1, late) + b.conn.send_stdin(1, b""))
-
-        def bound_reached():            # read ahead (and dropped) up to the bound
-            call = blocked_syscall(r.proc.pid)
-            return late_wire.push() == len(late_wire.wire) and late_wire.unread() > 0 \
-                and call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1
-        wait_until(bound_reached, what="the late body to be read ahead up to the bound")
-        a.sock.sendall(a.conn.send_stdin(1, b"x" * 90) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == b"x" * 100
-        os.unlink(reading)
-        a2 = Exchange(r.path)
-        _waiting_for_a_body(r, a2, b"y" * 100, reading, "/echo")
-        wire = c.conn.begin_request(1, keep_conn=True,
-                                    params=cgi_params("/echo", "POST", body=upload)) + \
-            c.conn.send_stdin(1, upload) + c.conn.send_stdin(1, b"")
-        pusher = _Pusher(c.sock, wire)
-        wait_until(lambda: pusher.push() == len(wire) and pusher.unread() == 0,
-                   what="a new upload to be read ahead again")
-        c.sock.settimeout(10)
-        a2.sock.sendall(a2.conn.send_stdin(1, b"y" * 90) + a2.conn.send_stdin(1, b""))
-        assert split_cgi(a2.response()[0])[2] == b"y" * 100
-        assert split_cgi(c.response()[0])[2] == upload
-
-
-def test_reading_ahead_stops_at_its_bound_and_the_rest_follows(appdir):
-    """What is read ahead for one connection is bounded (READ_AHEAD): the runner stops
-    watching it (its unread data stays in the socket) and reads the rest only when its
-    request is served."""
-    a_body, b_body = os.urandom(1000), os.urandom(3 << 20)
-    reading = str(appdir / "reading")
-    with Runner(appdir, "apps:echo", env={"READING": reading}) as r:
-        b = _idle_keepalive(r)
-        os.unlink(reading)
-        a = Exchange(r.path)
-        _waiting_for_a_body(r, a, a_body, reading)
-        wire = b.conn.begin_request(1, keep_conn=True,
-                                    params=cgi_params("/", "POST", body=b_body)) + \
-            b.conn.send_stdin(1, b_body) + b.conn.send_stdin(1, b"")
-        pusher = _Pusher(b.sock, wire)
-
-        def capped():
-            pusher.push()
-            call = blocked_syscall(r.proc.pid)
-            # waiting in poll() on one descriptor (the waiting request's) while the
-            # other connection has data the runner has not read: it is no longer watched
-            return call is not None and call[0] in ("poll", "ppoll") and call[1][1] == 1 \
-                and pusher.unread() > 0
-        wait_until(capped, what="the runner to stop reading the other connection ahead")
-        assert (1 << 20) <= pusher.sent < (2 << 20), pusher.sent
-        a.sock.sendall(a.conn.send_stdin(1, a_body[10:]) + a.conn.send_stdin(1, b""))
-        assert split_cgi(a.response()[0])[2] == a_body
-        b.sock.settimeout(10)
-        sender = threading.Thread(target=pusher.finish)
-        sender.start()
-        assert split_cgi(b.response()[0])[2] == b_body
-        sender.join(10)
-        assert pusher.sent == len(wire)
 
 
 @pytest.mark.parametrize("garbage", [
