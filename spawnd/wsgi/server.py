@@ -14,8 +14,9 @@ Threads and who owns what
   than one process, and then ``accept()`` on the blocking socket would wait for the
   next connection: so ``accept4`` (through ctypes, which returns EINTR instead of
   retrying like ``socket.accept``) runs under a POSIX timer that interrupts it with a
-  signal to this thread (KICK) every ACCEPT_BOUND until the call returns. It is armed and disarmed
-  around each accept: two system calls, and no signal unless the call really waited.
+  signal to this thread (KICK) every ACCEPT_BOUND until the call returns. It is armed
+  and disarmed around each accept: two system calls, and no signal unless the call
+  really waited.
 * With ``--threads N > 1`` the loop stops watching the listening socket while all N
   threads are in the application, and watches it again when one is free: a connection
   in the shared listen queue then goes to an idle sibling process instead of waiting
@@ -401,9 +402,9 @@ class Server:
         bound = self._bound
         bound.start()
         fd = _accept4(self._lfd, None, None, socket.SOCK_CLOEXEC)
+        err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
+        bound.cancel()
         if fd < 0:
-            err = ctypes.get_errno()
-            bound.cancel()
             if err in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO):
                 return          # a sibling took it (or it was reset): wait for the next
             if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -414,7 +415,6 @@ class Server:
             log(f"accept failed: {os.strerror(err)}; stopping")
             self._begin_stop()
             return
-        bound.cancel()
         self._adopt(fd)
 
     def _adopt(self, fd: int) -> None:
@@ -562,8 +562,8 @@ class Server:
         """An idle connection got input: serve its request, close it, or watch it."""
         if conn.events and type(conn.events[0]) is Request:
             return self._dispatch(conn)
-        if not conn.events:         # what was read ahead is not kept (not a request yet:
-            self._release(conn)     # PARAMS are bounded by themselves; or discarded)
+        if conn.ahead and not conn.events:  # what was read ahead is not kept (not a
+            self._release(conn)     # request yet: PARAMS are bounded by themselves; dropped)
         if conn.eof:
             return self._close(conn)
         if not conn.proto.keep_conn and not conn.proto.active_requests:
@@ -573,14 +573,15 @@ class Server:
         self._rearm(conn)
 
     def _release(self, conn: Conn) -> None:
-        """What was read ahead of ``conn`` no longer counts against READ_AHEAD_TOTAL."""
-        if conn.ahead:
-            self._ahead_total -= conn.ahead
-            conn.ahead = 0
+        """What was read ahead of ``conn`` no longer counts against READ_AHEAD_TOTAL
+        (callers test ``conn.ahead`` first: no call on the usual path)."""
+        self._ahead_total -= conn.ahead
+        conn.ahead = 0
 
     def _dispatch(self, conn: Conn) -> None:
         conn.busy = True
-        self._release(conn)         # its application consumes it now
+        if conn.ahead:
+            self._release(conn)     # its application consumes it now
         self.requests += 1
         if self.max_requests and self.requests >= self.max_requests:
             self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
@@ -618,7 +619,8 @@ class Server:
                     return
             conn.closed = True
             conn.draining = False
-            self._release(conn)
+            if conn.ahead:
+                self._release(conn)
             self.conns.pop(conn.fd, None)
             conn.sock.close()       # also leaves the epoll set (the fd is never dup'ed)
         if self.stopping and threading.current_thread() is not threading.main_thread():
@@ -786,9 +788,9 @@ class Server:
                 raise ClientDisconnected(f"FastCGI protocol error: {exc}") from None
             except OSError as exc:
                 conn.eof = True
-                if isinstance(exc, (BlockingIOError, TimeoutError)):   # SO_RCVTIMEO
-                    exc = f"nothing came for {self._io_timeout:g}s (--io-timeout)"
-                raise ClientDisconnected(f"reading the request body: {exc}") from None
+                why = f"nothing came for {self._io_timeout:g}s (--io-timeout)" \
+                    if isinstance(exc, (BlockingIOError, TimeoutError)) else exc
+                raise ClientDisconnected(f"reading the request body: {why}") from None
 
     def _read_ahead(self, conn: Conn) -> bytes:
         """--threads 1: the application waits for more of ``conn``'s body. Until it
@@ -799,20 +801,25 @@ class Server:
         connection and READ_AHEAD_TOTAL in all are held; a request read this way is
         served by the loop when this one is done (``_ready``). Returns ``conn``'s data
         as ``recv`` would; TimeoutError at the deadline."""
-        try:
-            return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        deadline = None if self._io_timeout is None else time.monotonic() + self._io_timeout
-        watch = select.poll()
-        watch.register(conn.fd, select.POLLIN)
-        others = set()
-        for other in self.conns.values():
-            if other is not conn and other.ahead < READ_AHEAD and not (
-                    other.busy or other.closed or other.draining or other.eof):
-                watch.register(other.fd, select.POLLIN)
-                others.add(other.fd)
+        watch = None
+        mine = True                 # first: what may be there already
         while True:
+            if mine:
+                try:
+                    return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass            # (after poll: a spurious wake-up)
+            if watch is None:
+                deadline = None if self._io_timeout is None \
+                    else time.monotonic() + self._io_timeout
+                watch = select.poll()
+                watch.register(conn.fd, select.POLLIN)
+                others = set()
+                for other in self.conns.values():
+                    if other is not conn and other.ahead < READ_AHEAD and not (
+                            other.busy or other.closed or other.draining or other.eof):
+                        watch.register(other.fd, select.POLLIN)
+                        others.add(other.fd)
             if others and self._ahead_total >= READ_AHEAD_TOTAL:
                 for fd in others:
                     watch.unregister(fd)
@@ -831,11 +838,6 @@ class Server:
                     if other is None or not self._read_early(other):
                         watch.unregister(fd)
                         others.discard(fd)
-            if mine:
-                try:
-                    return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    pass                # (spurious: poll again)
 
     def _read_early(self, conn: Conn) -> bool:
         """One read of another connection's input for ``_read_ahead``, within the
