@@ -285,6 +285,11 @@ def test_large_upload_and_download_through_the_protocol(appdir):
         assert split_cgi(out)[2] == body and end.app_status == 0
 
 
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not read yet (TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 class _Pusher:
     """Sends ``wire`` on a non-blocking socket as far as the peer takes it."""
 
@@ -305,8 +310,7 @@ class _Pusher:
         return self.push() == len(self.wire) and self.unread() == 0
 
     def unread(self) -> int:
-        """Bytes sent that the peer has not read yet (TIOCOUTQ)."""
-        return struct.unpack("i", fcntl.ioctl(self.sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+        return _unread(self.sock)
 
     def finish(self) -> threading.Thread:
         """Send the rest, blocking, from a thread (the runner may read it only once the
@@ -425,9 +429,7 @@ def test_a_request_read_ahead_is_answered_though_its_sender_half_closed(appdir):
         b.sock.sendall(b.conn.begin_request(1, params=cgi_params("/", "POST", body=b"bee"))
                        + b.conn.send_stdin(1, b"bee") + b.conn.send_stdin(1, b""))
         b.sock.shutdown(socket.SHUT_WR)
-        wait_until(lambda: _Pusher(b.sock, b"").unread() == 0,
-                   what="the half-closed request read ahead")
-        b.sock.setblocking(True)
+        wait_until(lambda: _unread(b.sock) == 0, what="the half-closed request read ahead")
         a.finish()
         assert split_cgi(b.response()[0])[2] == b"bee"
 

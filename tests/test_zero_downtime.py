@@ -6,6 +6,7 @@ the same restart with stop.when: now and must see failures, which shows the mech
 what prevents them."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -57,6 +58,16 @@ def _check(status, headers, body):
     return status == 200 and re.fullmatch(rb"slow n=\d+\n", body) is not None
 
 
+@contextlib.contextmanager
+def _load(ngx, location: str, check, warm: int):
+    """8 clients requesting /LOCATION/?n=0..7 through nginx until the block ends, ``warm``
+    of them answered before it begins."""
+    with LoadInBackground([ngx.url(f"/{location}/?n={i}") for i in range(8)], clients=8,
+                          check=check) as load:
+        wait_for(lambda: load.result().ok >= warm, timeout=20, what="load under way")
+        yield load
+
+
 def _pids(d, pool="cgi"):
     return {c["pid"] for c in status(d, pool)["pools"][0]["children"]}
 
@@ -66,9 +77,7 @@ def test_restart_scale_reload_under_load_lose_nothing(tmp_path, pub):
     with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
         d.start()
         d.wait_children("cgi", 3)
-        with LoadInBackground([ngx.url(f"/cgi/?n={i}") for i in range(8)], clients=8,
-                              check=_check) as load:
-            wait_for(lambda: load.result().ok >= 20, timeout=20, what="load under way")
+        with _load(ngx, "cgi", _check, 20) as load:
             before = _pids(d)
             res = json.loads(ctl(d, "restart", "cgi", "--json", check=0).stdout)
             assert res["replaced"] == 3 and not _pids(d) & before
@@ -101,9 +110,7 @@ def test_signalling_busy_children_does_cut_requests(tmp_path, pub):
     with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
         d.start()
         d.wait_children("cgi", 3)
-        with LoadInBackground([ngx.url(f"/cgi/?n={i}") for i in range(8)], clients=8,
-                              check=_check) as load:
-            wait_for(lambda: load.result().ok >= 20, timeout=20, what="load under way")
+        with _load(ngx, "cgi", _check, 20) as load:
             for _ in range(3):
                 ctl(d, "restart", "cgi", check=0)
         result = load.result()
@@ -178,9 +185,7 @@ pools:
     with Spawnd(tmp_path, cfg) as d, start_nginx(tmp_path, location, user="www-data") as ngx:
         d.start()
         d.wait_children("py", 3)
-        with LoadInBackground([ngx.url(f"/py/?n={i}") for i in range(8)], clients=8,
-                              check=check) as load:
-            wait_for(lambda: load.result().ok >= 50, timeout=20, what="load under way")
+        with _load(ngx, "py", check, 50) as load:
             for _ in range(2):
                 before = _pids(d, "py")
                 res = json.loads(ctl(d, "restart", "py", "--json", check=0).stdout)
