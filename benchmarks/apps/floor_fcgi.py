@@ -18,16 +18,14 @@ import io
 import os
 import select
 import socket
-import struct
 import sys
 
 from benchapp import application
-from spawnd.fastcgi.protocol import encode_stream
+# the protocol module's own record layouts (private names: this is a benchmark's floor)
+from spawnd.fastcgi.protocol import (_CLOSE_AND_END, _HEADER, END_REQUEST, STDOUT,
+                                     VERSION_1, encode_stream)
 from spawnd.wsgi.environ import decode_params
 
-HEADER = struct.Struct(">BBHHBx")
-CLOSE_AND_END = struct.Struct(">BBHHBxBBHHBxIB3x")
-STDOUT = 6
 BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
         "wsgi.url_scheme": "http"}
@@ -44,8 +42,9 @@ def respond(rid: int, params: bytes, body: bytes) -> bytes:
                                                              for h in headers)))
     result = application(environ, start_response)
     data = b"".join((head[0].encode("latin-1"), *result))
-    return b"".join((encode_stream(STDOUT, rid, data),
-                     CLOSE_AND_END.pack(1, STDOUT, rid, 0, 0, 1, 3, rid, 8, 0, 0, 0)))
+    end = _CLOSE_AND_END.pack(VERSION_1, STDOUT, rid, 0, 0,         # empty STDOUT,
+                              VERSION_1, END_REQUEST, rid, 8, 0, 0, 0)  # END_REQUEST
+    return b"".join((encode_stream(STDOUT, rid, data), end))
 
 
 class Conn:
@@ -59,7 +58,7 @@ class Conn:
         buf = self.buf + data if self.buf else data
         off, n = 0, len(buf)
         while n - off >= 8:
-            _, rtype, rid, clen, plen = HEADER.unpack_from(buf, off)
+            _, rtype, rid, clen, plen = _HEADER.unpack_from(buf, off)
             end = off + 8 + clen
             if end + plen > n:
                 break
