@@ -372,12 +372,10 @@ class ServerConnection:
             raise ValueError("the FILTER role is not supported (no DATA events)")
         if max_reqs < 1 or max_conns < 1:
             raise ValueError("max_conns and max_reqs must be at least 1")
-        self._values = {MAX_CONNS_NAME: str(max_conns).encode(),
-                        MAX_REQS_NAME: str(max_reqs).encode(),
-                        MPXS_CONNS_NAME: b"1" if mpxs_conns else b"0"}
+        self._max_conns = max_conns     # (GET_VALUES answers are built when asked)
         self._max_reqs = max_reqs
         self._mpxs = mpxs_conns
-        self._roles = frozenset(roles)
+        self._roles = tuple(roles)
         self._max_params = max_params_size
         self._decode_params = params_decoder or decode_pairs
         self._framer = _Framer()
@@ -513,7 +511,9 @@ class ServerConnection:
             events.append(AbortRequest(rid))
 
     def _on_get_values(self, content: bytes) -> None:
-        known = self._values
+        known = {MAX_CONNS_NAME: b"%d" % self._max_conns,
+                 MAX_REQS_NAME: b"%d" % self._max_reqs,
+                 MPXS_CONNS_NAME: b"1" if self._mpxs else b"0"}
         result = [(name, known[name]) for name, _ in decode_pairs(content)
                   if name in known]
         self._out.append(encode_record(GET_VALUES_RESULT, 0, encode_pairs(result)))

@@ -33,6 +33,7 @@ REQUIRED_DEFAULTS = {
     "SERVER_PORT": "80",
     "SERVER_PROTOCOL": "HTTP/1.0",
 }
+_REQUIRED = frozenset(REQUIRED_DEFAULTS)
 
 
 class NotMounted(Exception):
@@ -134,21 +135,25 @@ def build_environ(params, prefix: str | None = None) -> dict:
     """``params``: a dict from ``decode_params`` (taken over, not copied), or an
     iterable of (name, value) as bytes (FastCGI) or latin-1 str (CGI)."""
     env = params if type(params) is dict else merge_params(params)
-    ctype = env.pop("HTTP_CONTENT_TYPE", None)
-    env.pop("HTTP_CONTENT_LENGTH", None)
-    if ctype is not None and "CONTENT_TYPE" not in env:
-        env["CONTENT_TYPE"] = ctype
-    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        if name in env and not env[name]:
-            del env[name]
-    for name, default in REQUIRED_DEFAULTS.items():
-        if name not in env:
-            env[name] = default
+    if "HTTP_CONTENT_TYPE" in env or "HTTP_CONTENT_LENGTH" in env:
+        ctype = env.pop("HTTP_CONTENT_TYPE", None)
+        env.pop("HTTP_CONTENT_LENGTH", None)
+        if ctype is not None and "CONTENT_TYPE" not in env:
+            env["CONTENT_TYPE"] = ctype
+    if env.get("CONTENT_TYPE") == "":
+        del env["CONTENT_TYPE"]
+    if env.get("CONTENT_LENGTH") == "":
+        del env["CONTENT_LENGTH"]
+    if not _REQUIRED <= env.keys():
+        for name, default in REQUIRED_DEFAULTS.items():
+            env.setdefault(name, default)
     env["SCRIPT_NAME"], env["PATH_INFO"] = split_path(
         env.get("SCRIPT_NAME"), env.get("PATH_INFO"), prefix)
-    scheme = env.get("REQUEST_SCHEME", "").lower()
-    if scheme not in ("http", "https"):
-        scheme = "https" if env.get("HTTPS", "").lower() in ("on", "1") else "http"
+    scheme = env.get("REQUEST_SCHEME")
+    if scheme != "http" and scheme != "https":
+        scheme = (scheme or "").lower()
+        if scheme not in ("http", "https"):
+            scheme = "https" if env.get("HTTPS", "").lower() in ("on", "1") else "http"
     env["wsgi.url_scheme"] = scheme
     return env
 

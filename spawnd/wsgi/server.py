@@ -305,8 +305,11 @@ class Server:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._max_conns = max(1, min(nofile, 1 << 20) - 16)
         self._roles = tuple(ROLE_NAMES)
-        self._environ_base = wsgi_base(multithread=threads > 1, multiprocess=multiprocess,
-                                       run_once=False)
+        base = wsgi_base(multithread=threads > 1, multiprocess=multiprocess,
+                         run_once=False)
+        # what every request's environ gets, by role (wsgi.input is per request)
+        self._environ_base = {role: {**base, "FCGI_ROLE": name}
+                              for role, name in ROLE_NAMES.items()}
         self._exit: BaseException | None = None
         self._stop_event = threading.Event()
         self._in_app = 0            # --threads > 1: connections handed to the workers
@@ -422,7 +425,7 @@ class Server:
         if socket.getdefaulttimeout() is not None:
             sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
         try:
-            if not self._allowed(sock):
+            if self.allowed is not None and not self._allowed(sock):
                 sock.close()
                 return
             if self._tcp:           # a response's records in several writes: no Nagle delay
@@ -443,14 +446,14 @@ class Server:
         self._on_readable(conn)
 
     def _allowed(self, sock: socket.socket) -> bool:
-        if self.allowed is not None:
-            try:
-                peer = normalise_ip(sock.getpeername()[0])
-            except (OSError, ValueError):
-                peer = None
-            if peer not in self.allowed:
-                log(f"refusing connection from {peer} (not in FCGI_WEB_SERVER_ADDRS)")
-                return False
+        """Is the peer in FCGI_WEB_SERVER_ADDRS (callers test ``self.allowed`` first)?"""
+        try:
+            peer = normalise_ip(sock.getpeername()[0])
+        except (OSError, ValueError):
+            peer = None
+        if peer not in self.allowed:
+            log(f"refusing connection from {peer} (not in FCGI_WEB_SERVER_ADDRS)")
+            return False
         return True
 
     # -- the loop ------------------------------------------------------------------------
@@ -738,8 +741,7 @@ class Server:
             except PeerGone:
                 return False, False
             return True, self._stdin_ended(conn)
-        environ.update(self._environ_base)
-        environ["FCGI_ROLE"] = ROLE_NAMES[req.role]
+        environ.update(self._environ_base[req.role])
         environ["wsgi.input"] = stream
         run_app(self.app, environ, sink)
         if not sink.ended and not conn.eof and not conn.closed:
