@@ -10,8 +10,9 @@ upper bound:
                (flup's threaded WSGIServer on fd 0)
   uWSGI        uwsgi --plugin python3 --fastcgi-socket SOCK --processes 1 (1 thread)
   floor        PYTHON benchmarks/apps/floor_fcgi.py SOCK: the least a pure-Python FastCGI
-               WSGI responder must do, with none of a real server's duties (how fast a
-               Python server can be at all; see its docstring)
+               WSGI responder must do, with none of a real server's duties beyond
+               sharing its listening socket safely (how fast a Python server can be at
+               all; see its docstring)
   nginx        return 200 "hello" / a static 64 KiB file / return 200 after reading the body
 
 spawnd-wsgi and flup run on the same interpreter (this script's: the project venv's).

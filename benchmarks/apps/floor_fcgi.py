@@ -7,24 +7,29 @@ be at all, side by side with spawnd-wsgi, uWSGI and flup. Per request it does on
 every such server must do: split the records, decode PARAMS into the environ (with
 spawnd-wsgi's own ``decode_params``, so the two differ in everything but that), add the
 ``wsgi.*`` keys, call benchapp's application, build the status and header block, and
-frame STDOUT and END_REQUEST. Left out, and so not paid for: threads, limits, timeouts,
-management records, multiplexing, ABORT_REQUEST, graceful stop, header validation, a
-streaming ``wsgi.input`` (the body is collected first), and sharing the listening
-socket with sibling processes (it owns its socket and makes it non-blocking, so it
-accepts without spawnd-wsgi's timer-bounded accept()). Any protocol fault closes the
-connection.
+frame STDOUT and END_REQUEST. It accepts as a process of a spawnd pool must, and exactly
+as spawnd-wsgi does: the listening socket stays blocking (it is shared with sibling
+processes), is watched with EPOLLEXCLUSIVE, and each wake-up takes one connection with
+accept4() under spawnd-wsgi's ACCEPT_BOUND timer. Left out, and so not paid for:
+threads, limits, timeouts, management records, multiplexing, ABORT_REQUEST, graceful
+stop, header validation, and a streaming ``wsgi.input`` (the body is collected first).
+Any protocol fault closes the connection.
 """
 import io
 import os
 import select
+import signal
 import socket
 import sys
+import threading
 
 from benchapp import application
 # the protocol module's own record layouts (private names: this is a benchmark's floor)
 from spawnd.fastcgi.protocol import (_CLOSE_AND_END, _HEADER, END_REQUEST, STDOUT,
                                      VERSION_1, encode_stream)
 from spawnd.wsgi.environ import decode_params
+# spawnd-wsgi's bounded accept (private names, as above)
+from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _accept4, _ignore
 
 BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
@@ -99,29 +104,30 @@ def main() -> None:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1024)
-    listener.setblocking(False)
     lfd = listener.fileno()
+    signal.signal(KICK, _ignore)
+    bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
     epoll = select.epoll()
-    epoll.register(lfd, select.EPOLLIN)
+    epoll.register(lfd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
     conns = {}
     while True:
         for fd, _ in epoll.poll():
             if fd == lfd:
-                while True:
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    conn = Conn(sock)
-                    try:        # the request usually came with the connection
-                        alive = serve(conn, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        alive = True
-                    if alive:
-                        conns[sock.fileno()] = conn
-                        epoll.register(sock.fileno(), select.EPOLLIN)
-                    else:
-                        sock.close()
+                bound.start()
+                cfd = _accept4(lfd, None, None, socket.SOCK_CLOEXEC)
+                bound.cancel()
+                if cfd < 0:
+                    continue        # a sibling took it (EINTR from the bound)
+                conn = Conn(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=cfd))
+                try:            # the request usually came with the connection
+                    alive = serve(conn, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    alive = True
+                if alive:
+                    conns[cfd] = conn
+                    epoll.register(cfd, select.EPOLLIN)
+                else:
+                    conn.sock.close()
                 continue
             conn = conns[fd]
             if not serve(conn):
