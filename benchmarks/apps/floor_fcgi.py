@@ -7,10 +7,10 @@ be at all, side by side with spawnd-wsgi, uWSGI and flup. Per request it does on
 every such server must do: split the records, decode PARAMS into the environ (with
 spawnd-wsgi's own ``decode_params``, so the two differ in everything but that), add the
 ``wsgi.*`` keys, call benchapp's application, build the status and header block, and
-frame STDOUT and END_REQUEST. It accepts as a process of a spawnd pool must, and exactly
-as spawnd-wsgi does: the listening socket stays blocking (it is shared with sibling
-processes), is watched with EPOLLEXCLUSIVE, and each wake-up takes one connection with
-accept4() under spawnd-wsgi's ACCEPT_BOUND timer. Left out, and so not paid for:
+frame STDOUT and END_REQUEST. It accepts as a process of a spawnd pool must, with
+spawnd-wsgi's own code: its listening socket is treated as one shared with sibling
+processes (left blocking, watched with EPOLLEXCLUSIVE), and each wake-up takes one
+connection with ``accept_bounded``. Left out, and so not paid for:
 threads, limits, timeouts, management records, multiplexing, ABORT_REQUEST, graceful
 stop, header validation, and a streaming ``wsgi.input`` (the body is collected first).
 Any protocol fault closes the connection.
@@ -28,8 +28,8 @@ from benchapp import application
 from spawnd.fastcgi.protocol import (_CLOSE_AND_END, _HEADER, END_REQUEST, STDOUT,
                                      VERSION_1, encode_stream)
 from spawnd.wsgi.environ import decode_params
-# spawnd-wsgi's bounded accept (private names, as above)
-from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _accept4, _ignore
+# spawnd-wsgi's bounded accept (its KICK handler is private, as above)
+from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _ignore, accept_bounded
 
 BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
@@ -113,11 +113,9 @@ def main() -> None:
     while True:
         for fd, _ in epoll.poll():
             if fd == lfd:
-                bound.start()
-                cfd = _accept4(lfd, None, None, socket.SOCK_CLOEXEC)
-                bound.cancel()
+                cfd, _ = accept_bounded(lfd, bound)
                 if cfd < 0:
-                    continue        # a sibling took it (EINTR from the bound)
+                    continue        # nothing to take (or any error: a floor, not a server)
                 conn = Conn(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=cfd))
                 try:            # the request usually came with the connection
                     alive = serve(conn, socket.MSG_DONTWAIT)

@@ -128,6 +128,17 @@ class ThreadTimer:
         _timer_settime(self._id, 0, self._off, None)
 
 
+def accept_bounded(lfd: int, bound: ThreadTimer) -> tuple[int, int]:
+    """One ``accept4()`` on a blocking listening socket shared with sibling processes,
+    under ``bound`` (started and cancelled here): (fd, 0), or (-1, errno) where EINTR
+    means the bound expired with nothing to take."""
+    bound.start()
+    fd = _accept4(lfd, None, None, socket.SOCK_CLOEXEC)
+    err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
+    bound.cancel()
+    return fd, err
+
+
 def log(message: str) -> None:
     try:
         sys.stderr.write(f"spawnd-wsgi[{os.getpid()}]: {message}\n")
@@ -402,11 +413,7 @@ class Server:
     def _accept(self) -> None:
         """Take one connection. The wake-up may have gone to a sibling too, so the
         blocking accept4() runs under the ACCEPT_BOUND timer: EINTR means nothing came."""
-        bound = self._bound
-        bound.start()
-        fd = _accept4(self._lfd, None, None, socket.SOCK_CLOEXEC)
-        err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
-        bound.cancel()
+        fd, err = accept_bounded(self._lfd, self._bound)
         if fd < 0:
             if err in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO):
                 return          # a sibling took it (or it was reset): wait for the next
