@@ -66,6 +66,35 @@ def test_request_scheme_wins_over_https():
     assert env["wsgi.url_scheme"] == "http"
 
 
+@pytest.mark.parametrize("scheme,https,expected", [
+    (b"HTTPS", b"", "https"), (b"Http", b"on", "http"), (b"ftp", b"on", "https"),
+    (b"", b"1", "https"), (None, b"off", "http"),
+])
+def test_request_scheme_in_any_case_else_https(scheme, https, expected):
+    params = [(b"HTTPS", https)] + ([(b"REQUEST_SCHEME", scheme)] if scheme is not None
+                                    else [])
+    assert build_environ(params)["wsgi.url_scheme"] == expected
+
+
+def test_content_headers_dropped_each_alone_and_empty_content_values_removed():
+    env = build_environ([(b"HTTP_CONTENT_LENGTH", b"5"), (b"CONTENT_TYPE", b""),
+                         (b"CONTENT_LENGTH", b"5")])
+    assert "HTTP_CONTENT_LENGTH" not in env and "CONTENT_TYPE" not in env
+    assert env["CONTENT_LENGTH"] == "5"
+    env = build_environ([(b"HTTP_CONTENT_TYPE", b"text/x"), (b"CONTENT_TYPE", b"a/b")])
+    assert "HTTP_CONTENT_TYPE" not in env and env["CONTENT_TYPE"] == "a/b"
+
+
+def test_required_names_kept_when_all_sent_and_defaulted_when_one_is_missing():
+    sent = {"REQUEST_METHOD": "POST", "QUERY_STRING": "a=1", "SERVER_NAME": "h",
+            "SERVER_PORT": "8080", "SERVER_PROTOCOL": "HTTP/1.1"}
+    env = build_environ([(k.encode(), v.encode()) for k, v in sent.items()])
+    assert {k: env[k] for k in sent} == sent
+    env = build_environ([(k.encode(), v.encode()) for k, v in sent.items()
+                         if k != "SERVER_PORT"])
+    assert env["SERVER_PORT"] == "80" and env["REQUEST_METHOD"] == "POST"
+
+
 @pytest.mark.parametrize("value,expected", [
     ("127.0.0.1, ::1", {"127.0.0.1", "::1"}),
     ("::ffff:10.0.0.1", {"10.0.0.1"}),
