@@ -170,6 +170,143 @@ def test_valid_streams_parse_the_same_however_chunked(data, cuts, early_end):
     assert not events or isinstance(events[0], Request)
 
 
+class RecordByRecord(ServerConnection):
+    """The reference: ServerConnection without its one-pass parse of a whole request."""
+
+    def _whole_request(self, data):
+        return None
+
+
+class Counting(ServerConnection):
+    """ServerConnection as it is, counting the requests its one-pass parse took."""
+    taken = 0
+
+    def _whole_request(self, data):
+        whole = super()._whole_request(data)
+        self.taken += whole is not None
+        return whole
+
+
+def trace(server: ServerConnection, data: bytes, cuts: list[int], early_end: bool) -> list:
+    """Everything the application side can observe, chunk by chunk: events, automatic
+    replies, the error (message), open requests, keep_conn."""
+    seen, live = [], set()
+    for chunk in chunked(data, cuts) + [b""]:
+        try:
+            events = server.receive_data(chunk)
+        except ProtocolError as exc:
+            seen.append(("error", str(exc), server.active_requests, server.keep_conn))
+            return seen
+        for event in events:
+            rid = getattr(event, "request_id", None)
+            if isinstance(event, Request):
+                live.add(rid)
+            if rid in live and (early_end or isinstance(event, (StdinEnd, AbortRequest))):
+                seen.append(server.end_request(rid))
+                live.discard(rid)
+        seen.append((events, server.data_to_send(), server.active_requests,
+                     server.keep_conn))
+    return seen
+
+
+def same_as_record_by_record(data: bytes, cuts: list[int], early_end: bool) -> int:
+    """Asserts the one-pass parse changes nothing observable; returns how often it ran."""
+    options = dict(max_reqs=2, mpxs_conns=True, max_params_size=2000)
+    fast = Counting(**options)
+    assert trace(fast, data, cuts, early_end) == \
+        trace(RecordByRecord(**options), data, cuts, early_end)
+    return fast.taken
+
+
+@st.composite
+def whole_requests(draw):
+    """A request as the one-pass parse looks for it (BEGIN_REQUEST, PARAMS split into
+    records at drawn points, the empty PARAMS record, STDIN), with a few header and
+    BEGIN_REQUEST body bytes set to drawn values, so most faults are in the part that
+    parse reads. Returns the bytes of the records."""
+    rid = draw(st.integers(0, 3))                 # (0: not a request id)
+    body = p.encode_pairs(draw(st.lists(st.tuples(names, st.integers(0, 900).map(
+        lambda n: b"v" * n)), max_size=4)))      # near and over max_params_size (2000)
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(body)), max_size=3))))
+    pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)]) if a < b]
+    role = draw(st.sampled_from([p.RESPONDER, p.AUTHORIZER, p.FILTER, 9]))
+    records = [p.encode_record(p.BEGIN_REQUEST, rid, bytes([0, role, draw(
+        st.integers(0, 3))]) + bytes(5))]
+    records += [p.encode_record(p.PARAMS, rid, piece) for piece in pieces]
+    records.append(p.encode_record(p.PARAMS, rid))
+    records += [p.encode_record(p.STDIN, rid, c) for c in draw(st.lists(chunks, max_size=2))]
+    records.append(p.encode_record(p.STDIN, rid))
+    data = bytearray(b"".join(records))
+    starts = [0]
+    for record in records[:-1]:
+        starts.append(starts[-1] + len(record))
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.sampled_from(starts[:4])) + draw(st.integers(0, 15))
+        if where < len(data):
+            data[where] = draw(st.sampled_from([0, 1, 2, 4, 5, 8, 255, data[where] ^ 1]))
+    return bytes(data)
+
+
+@FUZZ
+@given(st.one_of(server_streams(), mutated(server_streams())), cut_lists, st.booleans())
+def test_one_pass_parse_of_a_whole_request_is_record_by_record(data, cuts, early_end):
+    same_as_record_by_record(data, cuts, early_end)
+
+
+@FUZZ
+@given(st.lists(whole_requests(), min_size=1, max_size=3), st.booleans(), st.booleans())
+def test_one_pass_parse_of_faulty_requests_is_record_by_record(requests, early_end, split):
+    """Each request in a piece of its own, as a web server writes it (``split``: the
+    last one in two), with faults where the one-pass parse looks."""
+    data = b"".join(requests)
+    cuts = [sum(map(len, requests[:i])) for i in range(1, len(requests))]
+    if split:
+        cuts.append(len(data) - len(requests[-1]) // 2)
+    same_as_record_by_record(data, cuts, early_end)
+
+
+def test_one_pass_parse_takes_what_nginx_sends():
+    """The differential test above proves something only if the one-pass parse runs:
+    it takes nginx's request (one PARAMS record) and a client's several PARAMS records,
+    on a new connection and on a kept one, and leaves the STDIN records to the framer."""
+    client = ClientConnection()
+    big = [(b"HTTP_X_%d" % i, b"v" * 300) for i in range(300)]     # > one record
+    first = client.begin_request(1, keep_conn=True, params=[(b"A", b"1")])
+    second = (client.begin_request(2, keep_conn=True, params=big)
+              + p.encode_record(p.STDIN, 2, b"body") + p.encode_record(p.STDIN, 2))
+    assert len(second) > p.MAX_CONTENT + 100      # two PARAMS records
+    for early_end in (False, True):
+        assert same_as_record_by_record(first + p.encode_record(p.STDIN, 1), [],
+                                        early_end) == 1
+    server = Counting(max_params_size=1 << 20)
+    assert server.receive_data(first + p.encode_record(p.STDIN, 1)) == [
+        Request(1, p.RESPONDER, True, ((b"A", b"1"),)), StdinEnd(1)]
+    server.end_request(1)
+    assert server.receive_data(second) == [Request(2, p.RESPONDER, True, tuple(big)),
+                                           StdinData(2, b"body"), StdinEnd(2)]
+    assert server.taken == 2
+    # a record's padding is part of it: the end of the PARAMS stream is not there yet
+    padded = (ClientConnection().begin_request(1, params=[(b"A", b"1")])[:-8]
+              + p._HEADER.pack(1, p.PARAMS, 1, 0, 8) + bytes(8) + p.encode_record(p.STDIN, 1))
+    assert same_as_record_by_record(padded, [len(padded) - 12], False) == 0
+    # an empty STDIN record with padding: the padding is consumed with it, or, when it
+    # has not all come, the record is left to the framer
+    padded = (ClientConnection().begin_request(1, params=[(b"A", b"1")])
+              + p._HEADER.pack(1, p.STDIN, 1, 0, 8) + bytes(8) + ClientConnection().get_values([b"FCGI_MAX_REQS"]))
+    for cut in ([], [len(padded) - 20]):
+        assert same_as_record_by_record(padded, cut, False) == 1
+    # the empty STDIN record of another request, or of another version: not consumed
+    for header in (p._HEADER.pack(1, p.STDIN, 2, 0, 0), p._HEADER.pack(2, p.STDIN, 1, 0, 0)):
+        assert same_as_record_by_record(ClientConnection().begin_request(
+            1, params=[(b"A", b"1")]) + header, [], False) == 1
+    # not taken: a partial request, a role not served, a second request while one runs
+    server.receive_data(client.begin_request(3, params=[(b"B", b"2")])[:-1])
+    assert server.taken == 2
+    refused = Counting(roles=(p.RESPONDER,))
+    refused.receive_data(ClientConnection().begin_request(1, p.AUTHORIZER))
+    assert refused.taken == 0 and refused.data_to_send().startswith(b"\x01\x03")
+
+
 def test_no_module_level_mutable_state():
     mutable = (list, dict, set, bytearray)
     found = {name: type(value).__name__ for name, value in vars(p).items()
