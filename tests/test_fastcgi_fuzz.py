@@ -292,15 +292,22 @@ def test_one_pass_parse_takes_what_nginx_sends():
     # an empty STDIN record with padding: the padding is consumed with it, or, when it
     # has not all come, the record is left to the framer
     padded = (ClientConnection().begin_request(1, params=[(b"A", b"1")])
-              + p._HEADER.pack(1, p.STDIN, 1, 0, 8) + bytes(8) + ClientConnection().get_values([b"FCGI_MAX_REQS"]))
+              + p._HEADER.pack(1, p.STDIN, 1, 0, 8) + bytes(8)
+              + ClientConnection().get_values([b"FCGI_MAX_REQS"]))
     for cut in ([], [len(padded) - 20]):
         assert same_as_record_by_record(padded, cut, False) == 1
     # the empty STDIN record of another request, or of another version: not consumed
     for header in (p._HEADER.pack(1, p.STDIN, 2, 0, 0), p._HEADER.pack(2, p.STDIN, 1, 0, 0)):
         assert same_as_record_by_record(ClientConnection().begin_request(
             1, params=[(b"A", b"1")]) + header, [], False) == 1
-    # not taken: a partial request, a role not served, a second request while one runs
-    server.receive_data(client.begin_request(3, params=[(b"B", b"2")])[:-1])
+    # not taken: a second request while one runs (refused: CANT_MPX_CONN), a request
+    # not all there yet, a role not served (refused: UNKNOWN_ROLE)
+    assert server.receive_data(client.begin_request(3, params=[(b"B", b"2")])) == []
+    reply = server.data_to_send()
+    assert (reply[1], reply[12], server.taken) == (p.END_REQUEST, p.CANT_MPX_CONN, 2)
+    server.end_request(2)
+    server.receive_data(p.encode_record(p.STDIN, 3))        # the refused one's end
+    assert server.receive_data(client.begin_request(4, params=[(b"C", b"3")])[:-1]) == []
     assert server.taken == 2
     refused = Counting(roles=(p.RESPONDER,))
     refused.receive_data(ClientConnection().begin_request(1, p.AUTHORIZER))

@@ -410,7 +410,7 @@ class ServerConnection:
                 records = self._framer.feed(data)
             else:           # (the rest is framed first, as the record-by-record path does)
                 records = self._framer.feed(data, whole[0]) if whole[0] < len(data) else ()
-                self._begin_whole(*whole, events)
+                self._begin_whole(whole, events)
             for rtype, rid, content in records:
                 if rtype == STDIN:
                     self._on_stdin(rid, content, events)
@@ -487,9 +487,9 @@ class ServerConnection:
                 input_done = True
         return off, rid, role, bool(flags & KEEP_CONN), chunks, input_done
 
-    def _begin_whole(self, end: int, rid: int, role: int, keep_conn: bool, chunks: list,
-                     input_done: bool, events: list) -> None:
+    def _begin_whole(self, whole: tuple, events: list) -> None:
         """What the records found by ``_whole_request`` do, in the same order."""
+        _, rid, role, keep_conn, chunks, input_done = whole
         self._used.add(rid)
         self._reqs[rid] = req = _ServerRequest(role, keep_conn, _PARAMS)
         self._active += 1
