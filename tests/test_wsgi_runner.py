@@ -754,6 +754,48 @@ def _in_app(r) -> bool:
     return _sleeping_threads(r) > 0
 
 
+def _fcgi_response(sock: socket.socket, client: ClientConnection) -> list:
+    """The events of one response on ``sock``, up to its EndRequest."""
+    events = []
+    while not events or type(events[-1]) is not EndRequest:
+        data = sock.recv(1 << 16)
+        assert data, f"connection closed before END_REQUEST; events so far: {events}"
+        events += client.receive_data(data)
+    return events
+
+
+def test_a_drain_that_expires_while_the_loop_is_in_the_application_ends_without_reset(
+        appdir):
+    """--threads 1: a connection is being drained (answered before its body ended) when
+    the loop thread goes into a long application call, and the web server sends more
+    body meanwhile. Past the drain's deadline, what already came is read before the
+    close: the peer gets a clean close, not a reset (a reset would make its next write
+    fail, which nginx logs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    with listener, Runner(appdir, "apps:router", "--threads", "1", listener=listener) as r:
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{r.proc.pid}/fd"))
+        idle_fds = fds()
+        a, a_client = socket.create_connection(address, 10), ClientConnection()
+        a.sendall(a_client.begin_request(1, params=cgi_params(
+            "/hello", "POST", body=bytes(100_000))) + a_client.send_stdin(1, bytes(1000)))
+        assert type(_fcgi_response(a, a_client)[0]) is Stdout
+        assert a.recv(1) == b"", "answered before its body ended: shut down, drained"
+        b, b_client = socket.create_connection(address, 10), ClientConnection()
+        b.sendall(b_client.begin_request(1, params=cgi_params("/slow?2.5"))
+                  + b_client.send_stdin(1, b""))
+        wait_until(lambda: _in_app(r), 5, "the loop thread to be in the slow request")
+        a.sendall(a_client.send_stdin(1, bytes(20_000)))    # the drain cannot read it now
+        assert _fcgi_response(b, b_client)[-1].protocol_status == 0   # 2.5 s > DRAIN_TIME
+        wait_until(lambda: fds() == idle_fds, 5, "both connections to be closed")
+        a.sendall(b"x")     # raises (EPIPE/ECONNRESET) had the close reset the connection
+        a.close(), b.close()
+        assert r.stop() == 0
+
+
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_sigterm_with_a_stuck_request_is_bounded_by_graceful_timeout(appdir, threads):
     """With --threads 1 the stuck request is in the loop thread itself."""

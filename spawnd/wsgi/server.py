@@ -653,27 +653,40 @@ class Server:
         return True
 
     def _drain(self, conn: Conn) -> None:
+        if not self._discard_input(conn):
+            return self._rearm(conn)
+        with self._lock:
+            self._draining.discard(conn)
+        self._close(conn)
+
+    @staticmethod
+    def _discard_input(conn: Conn) -> bool:
+        """Read and drop what a draining connection's peer has sent, without waiting.
+        True once there is no more to read (its end, an error, or DRAIN_LIMIT bytes in
+        all); False when more may come."""
         try:
             while True:
                 data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
                 conn.drained += len(data)
                 if not data or conn.drained > DRAIN_LIMIT:
-                    conn.eof = True
                     break
         except BlockingIOError:
-            return self._rearm(conn)
+            return False
         except OSError:
-            conn.eof = True
-        with self._lock:
-            self._draining.discard(conn)
-        self._close(conn)
+            pass
+        conn.eof = True
+        return True
 
     def _expire_drains(self) -> None:
+        """Close the draining connections past their deadline. What has already come
+        is read first (the loop may have been in an application past the deadline,
+        --threads 1): closing with unread input would reset the connection."""
         now = time.monotonic()
         with self._lock:
             expired = [c for c in self._draining if c.deadline <= now]
             self._draining.difference_update(expired)
         for conn in expired:
+            self._discard_input(conn)
             conn.eof = True
             self._close(conn)
 
