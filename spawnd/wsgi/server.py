@@ -428,7 +428,9 @@ class Server:
         self._adopt(fd)
 
     def _adopt(self, fd: int) -> None:
-        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
+        # The bare C socket type: the application never sees it, and it spares the
+        # Python-level __init__ and close() of socket.socket on every connection.
+        sock = socket.SocketType(self.family, socket.SOCK_STREAM, 0, fd)
         if socket.getdefaulttimeout() is not None:
             sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
         try:
