@@ -14,6 +14,10 @@ connection with ``accept_bounded``. Left out, and so not paid for:
 threads, limits, timeouts, management records, multiplexing, ABORT_REQUEST, graceful
 stop, header validation, and a streaming ``wsgi.input`` (the body is collected first).
 Any protocol fault closes the connection.
+
+FLOOR_EXTRA_US=N in the environment makes each request also burn N µs of CPU (a
+busy loop) before it is answered: bench_wsgi_cliff.py uses it to measure how a server's
+throughput behind nginx falls as its own cost per request grows.
 """
 import io
 import os
@@ -22,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from benchapp import application
 # the protocol module's own record layouts (private names: this is a benchmark's floor)
@@ -31,12 +36,17 @@ from spawnd.wsgi.environ import decode_params
 # spawnd-wsgi's bounded accept (its KICK handler is private, as above)
 from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _ignore, accept_bounded
 
+EXTRA = float(os.environ.get("FLOOR_EXTRA_US") or 0) * 1e-6
 BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
         "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.input_terminated": True,
         "wsgi.url_scheme": "http"}
 
 
 def respond(rid: int, params: bytes, body: bytes) -> bytes:
+    if EXTRA:
+        until = time.perf_counter() + EXTRA
+        while time.perf_counter() < until:
+            pass
     environ = decode_params(params)
     environ.update(BASE)
     environ["wsgi.input"] = io.BytesIO(body)
