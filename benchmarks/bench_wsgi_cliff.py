@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
             return statistics.median(x["rps"] for x in runs)
         return statistics.median(x["cpu"][what] / x["requests"] * 1e6 for x in runs)
 
-    print(f"# bench_wsgi_cliff: {B.platform.node()}, {os.cpu_count()} CPUs; "
+    print(f"# bench_wsgi_cliff: {platform.node()}, {os.cpu_count()} CPUs; "
           f"`wrk -t1 -c16 -d{args.duration:g}s`, hello-world, a connection per request; "
           f"median of {args.rounds}\n")
     rows = []

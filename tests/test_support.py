@@ -442,3 +442,22 @@ def test_bench_wsgi_smoke():
     calls = {row[1]: float(row[2]) for row in rows[2:] if len(row) == 4}
     assert set(calls) == {"spawnd-wsgi", "flup", "uWSGI", "Python floor"}, out.stdout
     assert all(n > 0 for n in calls.values()), calls
+
+
+@pytest.mark.slow
+def test_bench_wsgi_cliff_smoke():
+    """Two steps: both servers measured at each, and the added work shows in the floor's
+    CPU time per request (the knob works, so the table means what it says)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(os.path.dirname(here), "benchmarks", "bench_wsgi_cliff.py")
+    out = subprocess.run([sys.executable, script, "--extra", "0,10", "--duration", "1",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {cells[0]: cells for cells in
+            ([c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+             if line.startswith("| +"))}
+    assert set(rows) == {"+0", "+10"}, out.stdout
+    for cells in rows.values():
+        assert int(cells[1].replace(",", "")) > 0 and int(cells[5].replace(",", "")) > 0, cells
+        assert cells[6].endswith("x"), cells
+    assert float(rows["+10"][2]) - float(rows["+0"][2]) >= 5, out.stdout
