@@ -126,7 +126,7 @@ def main() -> None:
                 cfd, _ = accept_bounded(lfd, bound)
                 if cfd < 0:
                     continue        # nothing to take (or any error: a floor, not a server)
-                conn = Conn(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=cfd))
+                conn = Conn(socket.SocketType(socket.AF_UNIX, socket.SOCK_STREAM, 0, cfd))
                 try:            # the request usually came with the connection
                     alive = serve(conn, socket.MSG_DONTWAIT)
                 except BlockingIOError:

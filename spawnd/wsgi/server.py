@@ -192,7 +192,7 @@ class Conn:
                  "draining", "deadline", "drained", "eof", "pending", "mask", "timeval",
                  "ahead")
 
-    def __init__(self, sock: socket.socket, proto: ServerConnection, mask: int,
+    def __init__(self, sock: socket.SocketType, proto: ServerConnection, mask: int,
                  timeval: bytes) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -211,7 +211,7 @@ class Conn:
         self.timeval = timeval      # --io-timeout as a struct timeval; None once set
         self.ahead = 0              # bytes read ahead (_read_ahead) since last dispatched
 
-    def blocking(self) -> socket.socket:
+    def blocking(self) -> socket.SocketType:
         """The socket, with the --io-timeout deadlines set on it (once) before a call
         that may wait: a blocking recv of the body, the rest of a large response."""
         if self.timeval is not None:
@@ -454,7 +454,7 @@ class Server:
         # no epoll_ctl and no second trip through epoll_wait.
         self._on_readable(conn)
 
-    def _allowed(self, sock: socket.socket) -> bool:
+    def _allowed(self, sock: socket.SocketType) -> bool:
         """Is the peer in FCGI_WEB_SERVER_ADDRS (callers test ``self.allowed`` first)?"""
         try:
             peer = normalise_ip(sock.getpeername()[0])
