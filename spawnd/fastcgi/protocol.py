@@ -91,7 +91,10 @@ class ProtocolError(Exception):
 
 
 # ---- events a server (application side) receives -------------------------------------
-@dataclass(frozen=True, slots=True)
+# Events are slotted dataclasses, to be treated as read-only. They are not frozen: a
+# frozen dataclass sets each field through object.__setattr__, ~0.25 µs more per
+# event, and a request makes two (Request, StdinEnd).
+@dataclass(slots=True)
 class Request:
     """BEGIN_REQUEST plus the complete PARAMS stream (emitted at the empty PARAMS record)."""
     request_id: int
@@ -101,7 +104,7 @@ class Request:
                                               # the connection's params_decoder returns)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StdinData:
     request_id: int
     data: memoryview        # never empty; a read-only view of the received bytes (no
@@ -109,42 +112,42 @@ class StdinData:
                             # or b"".join(...) when bytes are needed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StdinEnd:
     request_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AbortRequest:
     request_id: int
 
 
 # ---- events a client (web server side) receives --------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stdout:
     request_id: int
     data: bytes             # never empty; the empty end-of-stream record is not an event
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stderr:
     request_id: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndRequest:
     request_id: int
     app_status: int
     protocol_status: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetValuesResult:
     values: dict[bytes, bytes]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UnknownType:
     record_type: int
 
