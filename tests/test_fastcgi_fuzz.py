@@ -173,18 +173,23 @@ def test_valid_streams_parse_the_same_however_chunked(data, cuts, early_end):
 class RecordByRecord(ServerConnection):
     """The reference: ServerConnection without its one-pass parse of a whole request."""
 
-    def _whole_request(self, data):
+    def _whole_request(self, data, events):
         return None
 
 
 class Counting(ServerConnection):
-    """ServerConnection as it is, counting the requests its one-pass parse took."""
+    """ServerConnection as it is, counting the requests its one-pass parse took (it
+    raises only after taking one: from framing the rest of the data, or decoding)."""
     taken = 0
 
-    def _whole_request(self, data):
-        whole = super()._whole_request(data)
-        self.taken += whole is not None
-        return whole
+    def _whole_request(self, data, events):
+        try:
+            records = super()._whole_request(data, events)
+        except ProtocolError:
+            self.taken += 1
+            raise
+        self.taken += records is not None
+        return records
 
 
 def trace(server: ServerConnection, data: bytes, cuts: list[int], early_end: bool) -> list:

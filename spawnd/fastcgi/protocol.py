@@ -406,14 +406,11 @@ class ServerConnection:
             raise ProtocolError(f"connection already failed: {self._failed}")
         events: list = []
         try:
-            whole = None
+            records = None
             if not self._reqs and type(data) is bytes and self._framer.idle:
-                whole = self._whole_request(data)
-            if whole is None:
+                records = self._whole_request(data, events)
+            if records is None:
                 records = self._framer.feed(data)
-            else:           # (the rest is framed first, as the record-by-record path does)
-                records = self._framer.feed(data, whole[0]) if whole[0] < len(data) else ()
-                self._begin_whole(whole, events)
             for rtype, rid, content in records:
                 if rtype == STDIN:
                     self._on_stdin(rid, content, events)
@@ -440,19 +437,19 @@ class ServerConnection:
             raise
         return events
 
-    def _whole_request(self, data: bytes) -> tuple | None:
-        """The usual start of a request, found in one pass: BEGIN_REQUEST for a role
+    def _whole_request(self, data: bytes, events: list):
+        """The usual start of a request, taken in one pass: BEGIN_REQUEST for a role
         served, its PARAMS records and the empty one, all within ``data`` (a web server
         writes them at once: nginx in one write, with one PARAMS record), and the empty
         STDIN record if it comes next (a request without a body). Called only when no
-        request is known and no partial record waits. Returns (where the rest of
-        ``data`` starts, request id, role, keep_conn, the PARAMS contents, whether
-        STDIN ended) for ``_begin_whole``, or None when ``data`` does not start that
-        way: then the record-by-record path takes it all (and raises, answers or
-        refuses as the case may be). Changes nothing.
+        request is known and no partial record waits.
 
-        With ``_begin_whole`` it has the record-by-record path's outcome (events,
-        replies, errors); a differential property test holds it to that
+        Returns the records framed from the rest of ``data``, with the request begun and
+        its events added to ``events``; or None, having changed nothing, when ``data``
+        does not start that way: then the record-by-record path takes it all (and
+        raises, answers or refuses as the case may be). The rest is framed before the
+        request is begun, so a fault in it leaves the state the record-by-record path
+        leaves; a differential property test holds the two paths to the same outcome
         (tests/test_fastcgi_fuzz.py)."""
         n = len(data)
         if n < 24 or data[0] != VERSION_1 or data[1] != BEGIN_REQUEST:
@@ -465,7 +462,7 @@ class ServerConnection:
         role, flags = _BEGIN_BODY.unpack_from(data, 8)
         if role not in self._roles:
             return None
-        chunks = []
+        params = None               # the PARAMS contents: bytes, or a list of them
         size = 0
         while True:
             if n - off < 8:
@@ -478,31 +475,33 @@ class ServerConnection:
             if not clen:
                 break
             size += clen
-            chunks.append(data[start:start + clen])
+            if params is None:
+                params = data[start:start + clen]
+            elif type(params) is bytes:
+                params = [params, data[start:start + clen]]
+            else:
+                params.append(data[start:start + clen])
         if size > self._max_params:
             return None     # (the record-by-record path names the record that overflows)
-        input_done = False
+        phase = _STDIN
         if n - off >= 8:
             version, rtype, srid, clen, plen = unpack(data, off)
             if rtype == STDIN and srid == rid and not clen and version == VERSION_1 \
                     and off + 8 + plen <= n:
                 off += 8 + plen
-                input_done = True
-        return off, rid, role, bool(flags & KEEP_CONN), chunks, input_done
-
-    def _begin_whole(self, whole: tuple, events: list) -> None:
-        """What the records found by ``_whole_request`` do, in the same order."""
-        _, rid, role, keep_conn, chunks, input_done = whole
+                phase = _INPUT_DONE
+        records = self._framer.feed(data, off) if off < n else ()
+        # what the records taken do, in their order
+        keep_conn = bool(flags & KEEP_CONN)
         self._used.add(rid)
-        self._reqs[rid] = req = _ServerRequest(role, keep_conn, _PARAMS)
+        self._reqs[rid] = _ServerRequest(role, keep_conn, phase)
         self._active += 1
-        params = self._decode_params(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        events.append(Request(rid, role, keep_conn, params))
-        if input_done:
-            req.phase = _INPUT_DONE
+        events.append(Request(rid, role, keep_conn, self._decode_params(
+            b"" if params is None else params if type(params) is bytes
+            else b"".join(params))))
+        if phase == _INPUT_DONE:
             events.append(StdinEnd(rid))
-        else:
-            req.phase = _STDIN
+        return records
 
     def _request(self, rid: int, rtype: int) -> _ServerRequest:
         req = self._reqs.get(rid)
