@@ -92,6 +92,14 @@ def role(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [environ.get("FCGI_ROLE", "unset").encode()]
 
+KEPT = []
+
+def stale_write(environ, start_response):
+    for write in KEPT:          # the previous request's write(), kept past its end
+        write(b"STALE")
+    KEPT.append(start_response("200 OK", [("Content-Type", "text/plain")]))
+    return [b"fresh"]
+
 def router(environ, start_response):
     name = environ["PATH_INFO"].strip("/").split("/")[0] or "hello"
     return globals()[name](environ, start_response)
@@ -606,6 +614,20 @@ def test_with_one_thread_the_application_runs_in_the_main_thread(appdir, keep_co
                 ex = Exchange(r.path)
             out, _, end = ex.request(cgi_params("/"), keep_conn=keep_conn)
             assert split_cgi(out)[:3:2] == (200, b"True"), (out, r.stderr())
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_write_callable_kept_past_its_request_goes_nowhere(appdir, threads):
+    """The connection carries one request after another: a write() the application
+    calls after its request ended must not land in the next request's response."""
+    with Runner(appdir, "apps:stale_write", "--threads", threads) as r:
+        ex = Exchange(r.path)
+        for _ in range(3):
+            out, _, end = ex.request(cgi_params("/"), keep_conn=True)
+            assert split_cgi(out)[0] == 200 and out.endswith(b"\r\n\r\nfresh"), out
+            assert b"STALE" not in out and end.app_status == 0
+        ex.close()
+        assert r.stop() == 0
 
 
 @pytest.mark.parametrize("size", [10, 100_000])

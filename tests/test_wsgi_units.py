@@ -15,7 +15,7 @@ from spawnd.wsgi.environ import (NotMounted, build_environ, decode_params, merge
 from spawnd.wsgi.main import read_env_file, UsageError
 from spawnd.wsgi.response import run_app
 from spawnd.wsgi.server import normalise_ip, parse_allowed
-from spawnd.wsgi.stream import InputStream
+from spawnd.wsgi.stream import EMPTY, InputStream
 
 
 @pytest.mark.parametrize("script,path,prefix,expected", [
@@ -192,6 +192,17 @@ def test_input_stream_readlines_hint():
     stream = InputStream(chunks_source(b"a\nbb\nccc\ndddd\n", [3]))
     assert stream.readlines(4) == [b"a\n", b"bb\n"]
     assert stream.readlines() == [b"ccc\n", b"dddd\n"]
+
+
+def test_the_shared_empty_body_is_at_its_end_and_reading_it_changes_nothing():
+    """spawnd-wsgi gives one EMPTY stream to every request that has no body."""
+    assert EMPTY.finished
+    state = (EMPTY._buf, EMPTY._pos, EMPTY._eof)
+    assert [EMPTY.read(), EMPTY.read(5), EMPTY.read(0), EMPTY.readline(),
+            EMPTY.readline(3), EMPTY.readlines(), list(EMPTY)] == [b"", b"", b"", b"",
+                                                                  b"", [], []]
+    EMPTY.drain()
+    assert (EMPTY._buf, EMPTY._pos, EMPTY._eof) == state and EMPTY.finished
 
 
 class ListSink:

@@ -48,6 +48,18 @@ class PeerGone(Exception):
     """The web server closed the connection; nothing more can be sent."""
 
 
+class _Spent:
+    """The sink of a response once run_app has returned: a write() the application
+    makes later (a callable it kept) goes nowhere, whatever the sink answers next."""
+
+    @staticmethod
+    def send(data: bytes, end: bool = False, status: int = 0) -> None:
+        pass
+
+
+_SPENT = _Spent()
+
+
 class _Response:
     __slots__ = ("sink", "status", "headers", "sent", "ended")
 
@@ -130,6 +142,8 @@ def run_app(app, environ: dict, sink, errors=None) -> bool:
         return False
     except Exception:
         return _app_error(resp, sink, errors)
+    finally:
+        resp.sink = _SPENT          # (a sink may serve the next request)
 
 
 def _app_error(resp: _Response, sink, errors) -> bool:

@@ -62,7 +62,7 @@ from spawnd.fastcgi.protocol import (AUTHORIZER, RESPONDER, AbortRequest, Protoc
                                      Request, ServerConnection, StdinData, StdinEnd)
 from spawnd.wsgi.environ import NotMounted, build_environ, decode_params, wsgi_base
 from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
-from spawnd.wsgi.stream import InputStream
+from spawnd.wsgi.stream import EMPTY, InputStream
 
 # 64 KiB: two of nginx's 32 KiB STDIN records. recv(n) allocates n bytes first; above
 # glibc's mmap threshold (128 KiB) each call maps fresh memory and faults it in, which
@@ -190,7 +190,7 @@ class RepliesUnread(OSError):
 class Conn:
     __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
                  "draining", "deadline", "drained", "eof", "pending", "mask", "timeval",
-                 "ahead")
+                 "ahead", "rid", "ended")
 
     def __init__(self, sock: socket.SocketType, proto: ServerConnection, mask: int,
                  timeval: bytes) -> None:
@@ -210,6 +210,8 @@ class Conn:
         self.mask = mask            # the connection's epoll registration (0: none yet)
         self.timeval = timeval      # --io-timeout as a struct timeval; None once set
         self.ahead = 0              # bytes read ahead (_read_ahead) since last dispatched
+        self.rid = 0                # the request being answered (see send)
+        self.ended = True           # its END_REQUEST was sent
 
     def blocking(self) -> socket.SocketType:
         """The socket, with the --io-timeout deadlines set on it (once) before a call
@@ -240,6 +242,27 @@ class Conn:
         if out or self.pending:
             self.send_replies(out)
 
+    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+        """The response sink of request ``rid`` (see run_app): STDOUT records, then
+        END_REQUEST. The connection answers one request at a time, so it is its own
+        sink: one object fewer per request."""
+        if self.ended:
+            return                  # the request is over: nothing more belongs to it
+        if self.closed or self.eof:
+            raise PeerGone()
+        proto = self.proto
+        out = proto.send_stdout(self.rid, data) if data else b""
+        if end:
+            out += proto.end_request(self.rid, status)
+            self.ended = True
+        if self.pending:            # automatic replies the peer has not taken yet
+            out, self.pending = self.pending + out, b""
+        try:
+            self.sendall(out)
+        except OSError as exc:
+            self.eof = True
+            raise PeerGone() from exc
+
     def send_replies(self, out: bytes = b"") -> None:
         """Send automatic replies without blocking: a peer that floods GET_VALUES and
         never reads must not stall the thread (the loop serves everybody). What the
@@ -253,35 +276,6 @@ class Conn:
         self.pending = data[n:]
         if len(self.pending) > PENDING_LIMIT:
             raise RepliesUnread(f"{len(self.pending)} bytes of replies unread")
-
-
-class FcgiSink:
-    """Response output of one request: STDOUT records, then END_REQUEST."""
-    __slots__ = ("conn", "rid", "ended")
-
-    def __init__(self, conn: Conn, rid: int) -> None:
-        self.conn = conn
-        self.rid = rid
-        self.ended = False
-
-    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
-        if self.ended:
-            return                  # the request is over: nothing more belongs to it
-        conn = self.conn
-        if conn.closed or conn.eof:
-            raise PeerGone()
-        proto = conn.proto
-        out = proto.send_stdout(self.rid, data) if data else b""
-        if end:
-            out += proto.end_request(self.rid, status)
-            self.ended = True
-        if conn.pending:            # automatic replies the peer has not taken yet
-            out, conn.pending = conn.pending + out, b""
-        try:
-            conn.sendall(out)
-        except OSError as exc:
-            conn.eof = True
-            raise PeerGone() from exc
 
 
 # ---- the server ----------------------------------------------------------------------
@@ -752,27 +746,32 @@ class Server:
     def _handle(self, conn: Conn, req: Request) -> tuple[bool, bool]:
         """Serve one request. Returns (the request was ended properly, its STDIN was
         received to the end); the connection is not reused when the first is False."""
-        rid = req.request_id
-        sink = FcgiSink(conn, rid)
-        stream = InputStream(lambda: self._next_stdin(conn, rid))
+        rid = conn.rid = req.request_id
+        conn.ended = False
+        events = conn.events
+        if events and type(events[0]) is StdinEnd:
+            events.popleft()        # no body, and all of the request has come
+            stream = EMPTY
+        else:
+            stream = InputStream(lambda: self._next_stdin(conn, rid))
         try:
             environ = build_environ(req.params, self.prefix)
         except NotMounted:
             try:
-                sink.send(NOT_FOUND, end=True)
+                conn.send(NOT_FOUND, end=True)
             except PeerGone:
                 return False, False
-            return True, self._stdin_ended(conn)
+            return True, stream.finished or self._stdin_ended(conn)
         environ.update(self._environ_base[req.role])
         environ["wsgi.input"] = stream
-        run_app(self.app, environ, sink)
-        if not sink.ended and not conn.eof and not conn.closed:
+        run_app(self.app, environ, conn)
+        if not conn.ended and not conn.eof and not conn.closed:
             try:            # aborted or failed mid-response: end the request anyway
                 conn.sendall(conn.proto.end_request(rid, 1))
-                sink.ended = True
+                conn.ended = True
             except (OSError, ValueError):
                 conn.eof = True
-        return sink.ended, stream.finished or self._stdin_ended(conn)
+        return conn.ended, stream.finished or self._stdin_ended(conn)
 
     @staticmethod
     def _stdin_ended(conn: Conn) -> bool:

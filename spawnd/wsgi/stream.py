@@ -16,10 +16,11 @@ class InputStream:
     __slots__ = ("_next", "_buf", "_pos", "_eof")
 
     def __init__(self, next_chunk) -> None:
+        """``next_chunk``: the source; None for an empty body (the stream is at its end)."""
         self._next = next_chunk
         self._buf = b""
         self._pos = 0
-        self._eof = False
+        self._eof = next_chunk is None
 
     def _pull(self) -> bytes:
         """The next chunk from the source (b"" at the end, and from then on)."""
@@ -113,3 +114,9 @@ class InputStream:
     @property
     def finished(self) -> bool:
         return self._eof
+
+
+# The wsgi.input of every request whose body is known to be empty when it starts: a
+# stream at its end is never changed by reading it (each read stores the same empty
+# buffer), so one object serves them all, in any thread.
+EMPTY = InputStream(None)
