@@ -10,7 +10,8 @@ spawnd-wsgi's own ``decode_params``, so the two differ in everything but that), 
 frame STDOUT and END_REQUEST. It accepts as a process of a spawnd pool must, with
 spawnd-wsgi's own code: its listening socket is treated as one shared with sibling
 processes (left blocking, watched with EPOLLEXCLUSIVE), and each wake-up takes one
-connection with ``accept_bounded``. Left out, and so not paid for:
+connection with ``accept_bounded``; the connection stays a bare non-blocking
+descriptor (``os.read``/``os.write``), as in spawnd-wsgi. Left out, and so not paid for:
 threads, limits, timeouts, management records, multiplexing, ABORT_REQUEST, graceful
 stop, header validation, and a streaming ``wsgi.input`` (the body is collected first).
 Any protocol fault closes the connection.
@@ -63,10 +64,10 @@ def respond(rid: int, params: bytes, body: bytes) -> bytes:
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "params", "body", "keep")
+    __slots__ = ("fd", "buf", "params", "body", "keep")
 
-    def __init__(self, sock):
-        self.sock, self.buf, self.params, self.body, self.keep = sock, b"", [], [], False
+    def __init__(self, fd: int):
+        self.fd, self.buf, self.params, self.body, self.keep = fd, b"", [], [], False
 
     def feed(self, data: bytes) -> bool:
         """Take received bytes, answer every complete request; False: close."""
@@ -87,7 +88,7 @@ class Conn:
                 else:
                     out = respond(rid, b"".join(self.params), b"".join(self.body))
                     self.params, self.body = [], []
-                    self.sock.sendall(out)
+                    write_all(self.fd, out)
                     if not self.keep:
                         return False
             off = end + plen
@@ -95,11 +96,21 @@ class Conn:
         return True
 
 
-def serve(conn: Conn, flags: int = 0) -> bool:
+def write_all(fd: int, data: bytes) -> None:
+    """Write everything to the non-blocking descriptor (waiting in select() if it must)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+def serve(conn: Conn) -> bool:
     """Read and answer; False when the connection is to be closed (its end, or any fault
-    at all). BlockingIOError (with MSG_DONTWAIT) propagates: nothing to read yet."""
+    at all). BlockingIOError propagates: nothing to read yet."""
     try:
-        data = conn.sock.recv(1 << 16, flags)
+        data = os.read(conn.fd, 1 << 16)
         return bool(data) and conn.feed(data)
     except BlockingIOError:
         raise
@@ -126,21 +137,25 @@ def main() -> None:
                 cfd, _ = accept_bounded(lfd, bound)
                 if cfd < 0:
                     continue        # nothing to take (or any error: a floor, not a server)
-                conn = Conn(socket.SocketType(socket.AF_UNIX, socket.SOCK_STREAM, 0, cfd))
+                conn = Conn(cfd)    # non-blocking, as spawnd-wsgi's connections
                 try:            # the request usually came with the connection
-                    alive = serve(conn, socket.MSG_DONTWAIT)
+                    alive = serve(conn)
                 except BlockingIOError:
                     alive = True
                 if alive:
                     conns[cfd] = conn
                     epoll.register(cfd, select.EPOLLIN)
                 else:
-                    conn.sock.close()
+                    os.close(cfd)
                 continue
             conn = conns[fd]
-            if not serve(conn):
+            try:
+                alive = serve(conn)
+            except BlockingIOError:
+                continue            # (a spurious wake-up)
+            if not alive:
                 del conns[fd]
-                conn.sock.close()
+                os.close(fd)
 
 
 if __name__ == "__main__":

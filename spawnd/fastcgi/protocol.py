@@ -378,6 +378,10 @@ class ServerConnection:
     can decode straight into the form it uses (spawnd-wsgi: an environ dict).
     """
 
+    __slots__ = ("_max_conns", "_max_reqs", "_mpxs", "_roles", "_max_params",
+                 "_decode_params", "_framer", "_reqs", "_active", "_used", "_out",
+                 "_keep_conn", "_failed")
+
     def __init__(self, *, max_conns: int = 1, max_reqs: int = 1, mpxs_conns: bool = False,
                  roles: tuple[int, ...] = (RESPONDER, AUTHORIZER),
                  max_params_size: int = 1 << 20, params_decoder=None) -> None:

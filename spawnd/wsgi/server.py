@@ -35,10 +35,14 @@ Threads and who owns what
   can go on sending other requests and bodies instead of waiting for this one to end
   (a Unix socket buffers only ~208 KiB). Requests read ahead are served when the current
   one is done (``_ready``).
-* Accepted sockets are blocking. Writes are tried with MSG_DONTWAIT first; only a
+* An accepted connection starts as a bare non-blocking descriptor: ``read()`` and
+  ``write()`` do what must not wait (a socket object made from a descriptor costs a
+  ``getsockname()``, one system call in eight for a request on a new connection). Only a
   connection that has to wait (a response larger than the socket buffer, a body read
-  from the socket) gets the ``--io-timeout`` deadlines (SO_SNDTIMEO/SO_RCVTIMEO), once,
-  so a small request costs no ``setsockopt``.
+  from the socket), or needs a socket's methods (``shutdown()``, TCP options), gets a
+  socket object (``Conn.socket``); one that has to wait is then made blocking, with the
+  ``--io-timeout`` deadlines (SO_SNDTIMEO/SO_RCVTIMEO), once, so a small request costs
+  no ``setsockopt``. Calls that must not wait then use MSG_DONTWAIT.
 """
 from __future__ import annotations
 
@@ -98,6 +102,7 @@ _timer_create = _libc.timer_create
 _timer_create.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p))
 _timer_settime = _libc.timer_settime
 _SIGEV_THREAD_ID = 4
+_ACCEPT_FLAGS = socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
 
 
 class ThreadTimer:
@@ -130,10 +135,11 @@ class ThreadTimer:
 
 def accept_bounded(lfd: int, bound: ThreadTimer) -> tuple[int, int]:
     """One ``accept4()`` on a blocking listening socket shared with sibling processes,
-    under ``bound`` (started and cancelled here): (fd, 0), or (-1, errno) where EINTR
-    means the bound expired with nothing to take."""
+    under ``bound`` (started and cancelled here): (fd, 0), the new descriptor
+    non-blocking and close-on-exec, or (-1, errno) where EINTR means the bound expired
+    with nothing to take."""
     bound.start()
-    fd = _accept4(lfd, None, None, socket.SOCK_CLOEXEC)
+    fd = _accept4(lfd, None, None, _ACCEPT_FLAGS)
     err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
     bound.cancel()
     return fd, err
@@ -188,14 +194,15 @@ class RepliesUnread(OSError):
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "proto", "events", "lock", "busy", "closed", "served",
-                 "draining", "deadline", "drained", "eof", "pending", "mask", "timeval",
-                 "ahead", "rid", "ended")
+    __slots__ = ("fd", "family", "sock", "proto", "events", "lock", "busy", "closed",
+                 "served", "draining", "deadline", "drained", "eof", "pending", "mask",
+                 "timeval", "ahead", "rid", "ended")
 
-    def __init__(self, sock: socket.SocketType, proto: ServerConnection, mask: int,
+    def __init__(self, fd: int, family: int, proto: ServerConnection, mask: int,
                  timeval: bytes) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = fd                # non-blocking (accept_bounded) until blocking()
+        self.family = family
+        self.sock: socket.SocketType | None = None     # made when first needed
         self.proto = proto
         self.events: collections.deque = collections.deque()
         self.lock = threading.Lock()
@@ -213,20 +220,54 @@ class Conn:
         self.rid = 0                # the request being answered (see send)
         self.ended = True           # its END_REQUEST was sent
 
+    def socket(self) -> socket.SocketType:
+        """The connection as a socket object, made when first needed (a blocking call,
+        shutdown(), the peer's address): making one from a descriptor costs a
+        getsockname() system call, which most connections never need."""
+        sock = self.sock
+        if sock is None:
+            sock = self.sock = socket.SocketType(self.family, socket.SOCK_STREAM, 0,
+                                                 self.fd)
+            if sock.gettimeout() is not None:
+                sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
+        return sock
+
     def blocking(self) -> socket.SocketType:
-        """The socket, with the --io-timeout deadlines set on it (once) before a call
-        that may wait: a blocking recv of the body, the rest of a large response."""
+        """The socket, blocking and with the --io-timeout deadlines set on it (once),
+        before a call that may wait: a recv of the body, the rest of a large response."""
         if self.timeval is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
+            sock = self.socket()
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
             self.timeval = None
         return self.sock
+
+    def recv_now(self, size: int) -> bytes:
+        """What has come, up to ``size`` bytes, without waiting (BlockingIOError when
+        nothing has). Until a socket object exists the descriptor is non-blocking and
+        read() does it; after, recv() with MSG_DONTWAIT."""
+        if self.sock is None:
+            return os.read(self.fd, size)
+        return self.sock.recv(size, socket.MSG_DONTWAIT)
+
+    def send_now(self, data) -> int:
+        """Send what the socket takes without waiting; BlockingIOError when nothing."""
+        if self.sock is None:
+            return os.write(self.fd, data)
+        return self.sock.send(data, socket.MSG_DONTWAIT)
+
+    def close_socket(self) -> None:
+        if self.sock is None:
+            os.close(self.fd)
+        else:
+            self.sock.close()
 
     def sendall(self, data: bytes) -> None:
         """Send everything: without waiting when the socket takes it all (the usual
         case), else the rest blocking, under the I/O timeout. OSError propagates."""
         try:
-            n = self.sock.send(data, socket.MSG_DONTWAIT)
+            n = self.send_now(data)
         except BlockingIOError:
             n = 0
         if n < len(data):
@@ -270,7 +311,7 @@ class Conn:
         or before the next response); past PENDING_LIMIT the peer is cut off."""
         data = self.pending + out if self.pending else out
         try:
-            n = self.sock.send(data, socket.MSG_DONTWAIT)
+            n = self.send_now(data)
         except BlockingIOError:
             n = 0
         self.pending = data[n:]
@@ -422,25 +463,25 @@ class Server:
         self._adopt(fd)
 
     def _adopt(self, fd: int) -> None:
-        # The bare C socket type: the application never sees it, and it spares the
-        # Python-level __init__ and close() of socket.socket on every connection.
-        sock = socket.SocketType(self.family, socket.SOCK_STREAM, 0, fd)
-        if socket.getdefaulttimeout() is not None:
-            sock.settimeout(None)   # the application's setdefaulttimeout() is not ours
-        try:
-            if self.allowed is not None and not self._allowed(sock):
-                sock.close()
-                return
-            if self._tcp:           # a response's records in several writes: no Nagle delay
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            log(f"dropping a new connection: {exc}")
-            sock.close()
-            return
-        conn = Conn(sock, ServerConnection(max_conns=self._max_conns, max_reqs=1,
-                                           mpxs_conns=False, roles=self._roles,
-                                           params_decoder=decode_params),
+        # A connection is its descriptor until it needs a socket object (Conn.socket):
+        # a Unix one usually never does. TCP needs one at once.
+        conn = Conn(fd, self.family, ServerConnection(max_conns=self._max_conns,
+                                                      max_reqs=1, mpxs_conns=False,
+                                                      roles=self._roles,
+                                                      params_decoder=decode_params),
                     0, self._timeval)
+        if self._tcp:
+            try:
+                sock = conn.socket()
+                if self.allowed is not None and not self._allowed(sock):
+                    sock.close()
+                    return
+                # a response's records in several writes: no Nagle delay
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                log(f"dropping a new connection: {exc}")
+                conn.close_socket()
+                return
         self.conns[fd] = conn
         # The web server usually writes its request right after connect(): read it now.
         # A connection joins the epoll set only when it has to wait (_rearm_any), so a
@@ -538,7 +579,7 @@ class Server:
         if conn.draining:
             return self._drain(conn)
         try:
-            data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            data = conn.recv_now(RECV_SIZE)
         except BlockingIOError:     # (a request read ahead may be waiting in events)
             return self._after_input(conn)
         except OSError:
@@ -610,7 +651,7 @@ class Server:
                 return
             if graceful and not conn.eof:
                 try:
-                    conn.sock.shutdown(socket.SHUT_WR)
+                    conn.socket().shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 else:
@@ -628,7 +669,7 @@ class Server:
             if conn.ahead:
                 self._release(conn)
             self.conns.pop(conn.fd, None)
-            conn.sock.close()       # also leaves the epoll set (the fd is never dup'ed)
+            conn.close_socket()     # also leaves the epoll set (the fd is never dup'ed)
         if self.stopping and threading.current_thread() is not threading.main_thread():
             self._wake()
 
@@ -662,7 +703,7 @@ class Server:
         all); False when more may come."""
         try:
             while True:
-                data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                data = conn.recv_now(RECV_SIZE)
                 conn.drained += len(data)
                 if not data or conn.drained > DRAIN_LIMIT:
                     break
@@ -829,7 +870,7 @@ class Server:
         while True:
             if mine:
                 try:
-                    return conn.sock.recv(BODY_RECV_SIZE, socket.MSG_DONTWAIT)
+                    return conn.recv_now(BODY_RECV_SIZE)
                 except BlockingIOError:
                     pass            # (after poll: a spurious wake-up)
             if watch is None:
@@ -872,7 +913,7 @@ class Server:
         if room <= 0:
             return False
         try:
-            data = conn.sock.recv(room, socket.MSG_DONTWAIT)
+            data = conn.recv_now(room)
         except BlockingIOError:
             return True
         except OSError:
