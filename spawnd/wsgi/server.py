@@ -608,7 +608,18 @@ class Server:
     def _after_input(self, conn: Conn) -> None:
         """An idle connection got input: serve its request, close it, or watch it."""
         if conn.events and type(conn.events[0]) is Request:
-            return self._dispatch(conn)
+            conn.busy = True        # (it is served, by this thread or a worker)
+            if conn.ahead:
+                self._release(conn)     # its application consumes it now
+            self.requests += 1
+            if self.max_requests and self.requests >= self.max_requests:
+                self._begin_stop(f"served {self.requests} requests (--max-requests):"
+                                 " exiting")
+            if self._work is None:
+                return self._run(conn)  # --threads 1: the loop is the application's thread
+            with self._lock:
+                self._in_app += 1   # at --threads, the loop stops listening (_loop)
+            return self._work.put(conn)
         if conn.ahead and not conn.events:  # what was read ahead is not kept (not a
             self._release(conn)     # request yet: PARAMS are bounded by themselves; dropped)
         if conn.eof:
@@ -624,20 +635,6 @@ class Server:
         (callers test ``conn.ahead`` first: no call on the usual path)."""
         self._ahead_total -= conn.ahead
         conn.ahead = 0
-
-    def _dispatch(self, conn: Conn) -> None:
-        conn.busy = True
-        if conn.ahead:
-            self._release(conn)     # its application consumes it now
-        self.requests += 1
-        if self.max_requests and self.requests >= self.max_requests:
-            self._begin_stop(f"served {self.requests} requests (--max-requests): exiting")
-        if self._work is None:
-            self._run(conn)         # --threads 1: the loop is the application's thread
-            return
-        with self._lock:
-            self._in_app += 1       # at --threads, the loop stops listening (_loop)
-        self._work.put(conn)
 
     def _rearm(self, conn: Conn) -> None:
         if not self._rearm_any(conn):
@@ -759,17 +756,43 @@ class Server:
                     self._wake()    # the loop listens again
 
     def _serve_conn(self, conn: Conn) -> None:
+        """Serve the connection's requests one after another (pipelined ones too), then
+        give it back to the loop, or close it."""
         events = conn.events
         while True:
             req = events.popleft()
-            finished, input_done = self._handle(conn, req)
+            rid = conn.rid = req.request_id
+            conn.ended = False
+            if events and type(events[0]) is StdinEnd:
+                events.popleft()    # no body, and all of the request has come
+                stream = EMPTY
+            else:
+                stream = InputStream(lambda: self._next_stdin(conn))
+            try:
+                environ = build_environ(req.params, self.prefix)
+            except NotMounted:
+                try:
+                    conn.send(NOT_FOUND, end=True)
+                except PeerGone:
+                    pass
+            else:
+                environ.update(self._environ_base[req.role])
+                environ["wsgi.input"] = stream
+                run_app(self.app, environ, conn)
+            if not conn.ended and not conn.eof and not conn.closed:
+                try:        # aborted or failed mid-response: end the request anyway
+                    conn.sendall(conn.proto.end_request(rid, 1))
+                    conn.ended = True
+                except (OSError, ValueError):
+                    conn.eof = True
+            input_done = stream.finished or self._stdin_ended(conn)
             while events and type(events[0]) is not Request:
                 events.popleft()    # late STDIN of the finished request
             conn.served += 1
             if conn.closed:
                 return
-            if conn.eof or not finished:
-                return self._close(conn)
+            if conn.eof or not conn.ended:
+                return self._close(conn)    # (not ended: the connection is not reused)
             if not conn.proto.keep_conn or self.stopping:
                 # Close now when the peer has nothing more to send; else drain first.
                 return self._close(conn, graceful=not input_done)
@@ -784,36 +807,6 @@ class Server:
                 self._close(conn)
             return
 
-    def _handle(self, conn: Conn, req: Request) -> tuple[bool, bool]:
-        """Serve one request. Returns (the request was ended properly, its STDIN was
-        received to the end); the connection is not reused when the first is False."""
-        rid = conn.rid = req.request_id
-        conn.ended = False
-        events = conn.events
-        if events and type(events[0]) is StdinEnd:
-            events.popleft()        # no body, and all of the request has come
-            stream = EMPTY
-        else:
-            stream = InputStream(lambda: self._next_stdin(conn, rid))
-        try:
-            environ = build_environ(req.params, self.prefix)
-        except NotMounted:
-            try:
-                conn.send(NOT_FOUND, end=True)
-            except PeerGone:
-                return False, False
-            return True, stream.finished or self._stdin_ended(conn)
-        environ.update(self._environ_base[req.role])
-        environ["wsgi.input"] = stream
-        run_app(self.app, environ, conn)
-        if not conn.ended and not conn.eof and not conn.closed:
-            try:            # aborted or failed mid-response: end the request anyway
-                conn.sendall(conn.proto.end_request(rid, 1))
-                conn.ended = True
-            except (OSError, ValueError):
-                conn.eof = True
-        return conn.ended, stream.finished or self._stdin_ended(conn)
-
     @staticmethod
     def _stdin_ended(conn: Conn) -> bool:
         for ev in conn.events:
@@ -821,8 +814,8 @@ class Server:
                 return True
         return False
 
-    def _next_stdin(self, conn: Conn, rid: int) -> bytes:
-        """The next piece of request ``rid``'s STDIN (b"" at its end), reading the
+    def _next_stdin(self, conn: Conn) -> bytes:
+        """The next piece of the request's STDIN (b"" at its end), reading the
         socket (blocking, with the I/O timeout) only when nothing is buffered."""
         events = conn.events
         while True:
