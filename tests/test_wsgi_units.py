@@ -266,18 +266,56 @@ def test_exc_info_replaces_unsent_headers_and_reraises_after_sending(capsys):
     assert "ValueError: late" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("status,headers", [
-    ("200", []), ("OK", []), (b"200 OK", []), ("200 OK", [("X", "a\r\nY: b")]),
-    ("200 OK", [("X:Y", "a")]), ("200 OK", [("X", 1)]),
+@pytest.mark.parametrize("status,headers,error", [
+    ("200", [], "ValueError: invalid WSGI status"),
+    ("OK", [], "ValueError: invalid WSGI status"),
+    (b"200 OK", [], "ValueError: invalid WSGI status"),
+    ("200 OK\r", [], "ValueError: invalid WSGI status"),
+    ("200 O\nK", [("A", "b")], "ValueError: invalid WSGI status"),
+    ("200 OK", [("A", "b"), ("X", "a\r\nY: b")], "ValueError: invalid characters"),
+    ("200 OK", [("X", "a\r")], "ValueError: invalid characters"),
+    ("200 OK", [("X", "\na")], "ValueError: invalid characters"),
+    ("200 OK", [("X\n", "a")], "ValueError: invalid characters"),
+    ("200 OK", [("\rX", "a")], "ValueError: invalid characters"),
+    ("200 OK", [("X:Y", "a")], "ValueError: invalid characters"),
+    ("200 OK", [("X", 1)], "TypeError: header 'X': 1 is not a pair of str"),
+    ("200 OK", [(b"X", "a")], "TypeError: header b'X'"),
+    ("200 OK", [("X", b"a")], "TypeError: header 'X'"),
+    ("200 OK", [("X", "a", "b")], "TypeError: header ('X', 'a', 'b')"),
+    ("200 OK", [("X",)], "TypeError: header ('X',)"),
+    ("200 OK", None, "TypeError: invalid WSGI headers None"),
 ])
-def test_bad_status_or_headers_become_500(status, headers, capsys):
+def test_bad_status_or_headers_become_500(status, headers, error, capsys):
     sink = ListSink()
     def app(environ, start_response):
         start_response(status, headers)
         return [b"body"]
     assert run_app(app, {}, sink)
     assert sink.calls[0][0].startswith(b"Status: 500 ")
-    assert "Traceback" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" in err and error in err, err
+
+
+@given(st.lists(st.tuples(st.text("ab:\r\n\u00e9\u20ac", max_size=6),
+                          st.text("ab:\r\n\u00e9\u20ac", max_size=6)), max_size=4),
+       st.text("ab\r\n\u00e9\u20ac", max_size=6))
+def test_start_response_takes_exactly_the_headers_without_line_breaks(headers, reason):
+    """The whole block's line ends are counted instead of each header tested: the
+    outcome is the per-header rule's, whatever the characters."""
+    status = "200 " + reason
+    ok = not any(c in status for c in "\r\n") and all(
+        ":" not in n and not any(c in n + v for c in "\r\n") for n, v in headers) \
+        and all(ord(c) < 256 for c in status + "".join(n + v for n, v in headers))
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response(status, headers)
+        return [b""]
+    run_app(app, {}, sink, errors=io.StringIO())
+    head = sink.calls[0][0]
+    assert head.startswith(b"Status: 500 ") != ok
+    if ok:
+        expected = "".join(f"{n}: {v}\r\n" for n, v in headers)
+        assert head == f"Status: {status}\r\n{expected}\r\n".encode("latin-1")
 
 
 def test_env_file(tmp_path):

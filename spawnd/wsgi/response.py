@@ -80,19 +80,25 @@ class _Response:
         elif self.status is not None:
             raise AssertionError("start_response called a second time without exc_info")
         if type(status) is not str or len(status) < 4 or not status[:3].isdigit() \
-                or status[3] != " " or "\r" in status or "\n" in status:
+                or status[3] != " ":
             raise ValueError(f"invalid WSGI status {status!r}")
         lines = ["Status: ", status, "\r\n"]
-        for name, value in headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
-            if "\r" in value or "\n" in value or ":" in name or "\n" in name \
-                    or "\r" in name:
-                raise ValueError(f"invalid characters in header {name!r}: {value!r}")
-            lines += (name, ": ", value, "\r\n")
-        lines.append("\r\n")
+        try:
+            for name, value in headers:
+                if ":" in name:
+                    raise ValueError
+                lines += (name, ": ", value, "\r\n")
+            lines.append("\r\n")
+            block = "".join(lines)      # (TypeError unless every part is a str)
+        except (TypeError, ValueError):
+            block = None
+        # The block's only line ends are its own: none came in the status, a name or
+        # a value. Counted once on the whole block, not tested per header.
+        ends = len(lines) // 4 + 1     # 3 + 4 per header + 1 parts: headers + 2 ends
+        if block is None or block.count("\n") != ends or block.count("\r") != ends:
+            raise _bad_header(status, headers)
         self.status = status
-        self.headers = "".join(lines).encode("latin-1")
+        self.headers = block.encode("latin-1")
         return self.write
 
     def write(self, data) -> None:
@@ -114,6 +120,27 @@ class _Response:
             self.sent = True
         self.sink.send(last, end=True)
         self.ended = True
+
+
+def _bad_header(status: str, headers) -> Exception:
+    """The error start_response raises for a status line or headers it refused: names
+    the first fault."""
+    if "\r" in status or "\n" in status:
+        return ValueError(f"invalid WSGI status {status!r}")
+    try:
+        items = list(headers)       # (an iterator was used up: then the last error)
+    except TypeError:
+        items = ()
+    for item in items:
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            return TypeError(f"header {item!r} is not a (name, value) pair")
+        if type(name) is not str or type(value) is not str:
+            return TypeError(f"header {name!r}: {value!r} is not a pair of str")
+        if "\r" in value or "\n" in value or ":" in name or "\n" in name or "\r" in name:
+            return ValueError(f"invalid characters in header {name!r}: {value!r}")
+    return TypeError(f"invalid WSGI headers {headers!r}")
 
 
 def run_app(app, environ: dict, sink, errors=None) -> bool:
