@@ -498,11 +498,12 @@ class ServerConnection:
         # what the records taken do, in their order
         keep_conn = bool(flags & KEEP_CONN)
         self._used.add(rid)
-        self._reqs[rid] = _ServerRequest(role, keep_conn, phase)
+        self._reqs[rid] = req = _ServerRequest(role, keep_conn, _PARAMS)
         self._active += 1
         events.append(Request(rid, role, keep_conn, self._decode_params(
             b"" if params is None else params if type(params) is bytes
             else b"".join(params))))
+        req.phase = phase           # (after decoding, which may raise, as record by record)
         if phase == _INPUT_DONE:
             events.append(StdinEnd(rid))
         return records
