@@ -91,9 +91,10 @@ class ProtocolError(Exception):
 
 
 # ---- events a server (application side) receives -------------------------------------
-# Events are slotted dataclasses, to be treated as read-only. They are not frozen: a
-# frozen dataclass sets each field through object.__setattr__, ~0.25 µs more per
-# event, and a request makes two (Request, StdinEnd).
+# Events are slotted dataclasses, to be treated as read-only (they compare by value and
+# are not hashable). They are not frozen: a frozen dataclass sets each field through
+# object.__setattr__, ~0.25 µs more per event, and a request makes two (Request,
+# StdinEnd).
 @dataclass(slots=True)
 class Request:
     """BEGIN_REQUEST plus the complete PARAMS stream (emitted at the empty PARAMS record)."""
