@@ -467,7 +467,7 @@ class ServerConnection:
         role, flags = _BEGIN_BODY.unpack_from(data, 8)
         if role not in self._roles:
             return None
-        params = None               # the PARAMS contents: bytes, or a list of them
+        chunks = []                 # the PARAMS records' contents
         size = 0
         while True:
             if n - off < 8:
@@ -480,12 +480,7 @@ class ServerConnection:
             if not clen:
                 break
             size += clen
-            if params is None:
-                params = data[start:start + clen]
-            elif type(params) is bytes:
-                params = [params, data[start:start + clen]]
-            else:
-                params.append(data[start:start + clen])
+            chunks.append(data[start:start + clen])
         if size > self._max_params:
             return None     # (the record-by-record path names the record that overflows)
         phase = _STDIN
@@ -502,8 +497,7 @@ class ServerConnection:
         self._reqs[rid] = req = _ServerRequest(role, keep_conn, _PARAMS)
         self._active += 1
         events.append(Request(rid, role, keep_conn, self._decode_params(
-            b"" if params is None else params if type(params) is bytes
-            else b"".join(params))))
+            chunks[0] if len(chunks) == 1 else b"".join(chunks))))
         req.phase = phase           # (after decoding, which may raise, as record by record)
         if phase == _INPUT_DONE:
             events.append(StdinEnd(rid))
