@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spawnd.fastcgi import protocol as p
@@ -98,7 +98,10 @@ def drive_server(data: bytes, cuts: list[int], early_end: bool, react: bool = Tr
                 server.end_request(rid)
                 live.discard(rid)
         server.data_to_send()
-    assert server.active_requests == len(live)
+    # A request whose PARAMS never ended (the stream stopped inside them) is active
+    # without the application having heard of it.
+    unheard = sum(1 for req in server._reqs.values() if req.phase == p._PARAMS)
+    assert server.active_requests == len(live) + unheard
     return events
 
 
@@ -142,6 +145,10 @@ VALID_CLIENT_EVENTS = [Stdout(1, b"out"), Stderr(2, b"err"), EndRequest(1, 0, 0)
 
 @FUZZ
 @given(mutated(server_streams()), cut_lists, st.booleans())
+# found by the fuzzer: the stream ends inside a request's PARAMS (a record of an unknown
+# type swallows the rest), so a request is active that the application never heard of
+@example(p.encode_record(p.BEGIN_REQUEST, 1, b"\0\1" + bytes(6))
+         + p.encode_record(0, 0, bytes(40)), [], False)
 def test_mutated_server_streams(data, cuts, early_end):
     try:
         drive_server(data, cuts, early_end)
