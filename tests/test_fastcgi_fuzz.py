@@ -308,6 +308,13 @@ def test_one_pass_parse_takes_what_nginx_sends():
               + ClientConnection().get_values([b"FCGI_MAX_REQS"]))
     for cut in ([], [len(padded) - 20]):
         assert same_as_record_by_record(padded, cut, False) == 1
+    # BEGIN_REQUEST with padding (no web server sends it): record by record; a
+    # request with no PARAMS at all (the empty PARAMS record comes first): taken
+    begin = p._HEADER.pack(1, p.BEGIN_REQUEST, 1, 8, 8) + b"\0\1" + bytes(14)
+    assert same_as_record_by_record(begin + p.encode_record(p.PARAMS, 1)
+                                    + p.encode_record(p.STDIN, 1), [], False) == 0
+    assert same_as_record_by_record(ClientConnection().begin_request(1, params=[])
+                                    + p.encode_record(p.STDIN, 1), [], False) == 1
     # the empty STDIN record of another request, or of another version: not consumed
     for header in (p._HEADER.pack(1, p.STDIN, 2, 0, 0), p._HEADER.pack(2, p.STDIN, 1, 0, 0)):
         assert same_as_record_by_record(ClientConnection().begin_request(

@@ -159,6 +159,7 @@ _BEGIN_BODY = struct.Struct(">HB5x")
 _END_BODY = struct.Struct(">IB3x")
 _END_RECORD = struct.Struct(">BBHHBxIB3x")                 # END_REQUEST, with its body
 _CLOSE_AND_END = struct.Struct(">BBHHBxBBHHBxIB3x")        # empty STDOUT + END_REQUEST
+_BEGIN_AND_PARAMS = struct.Struct(">BBHHBxHB5xBBHHBx")     # BEGIN_REQUEST + a PARAMS header
 _UNKNOWN_BODY = struct.Struct(">B7x")
 _U32 = struct.Struct(">I")
 _PAD = tuple(b"\0" * n for n in range(8))
@@ -457,19 +458,24 @@ class ServerConnection:
         leaves; a differential property test holds the two paths to the same outcome
         (tests/test_fastcgi_fuzz.py)."""
         n = len(data)
-        if n < 24 or data[0] != VERSION_1 or data[1] != BEGIN_REQUEST:
+        if n < 24:                  # (BEGIN_REQUEST and a PARAMS header)
+            return None
+        # BEGIN_REQUEST without padding (nginx, Apache, lighttpd) and the header of the
+        # first PARAMS record, in one unpack; anything else goes record by record
+        version, rtype, rid, clen, plen, role, flags, pversion, ptype, prid, clen1, plen1 \
+            = _BEGIN_AND_PARAMS.unpack_from(data)
+        if version != VERSION_1 or rtype != BEGIN_REQUEST or clen != 8 or plen or not rid \
+                or role not in self._roles:
+            return None
+        start = 24
+        off = start + clen1 + plen1
+        if ptype != PARAMS or prid != rid or pversion != VERSION_1 or off > n:
             return None
         unpack = _HEADER.unpack_from
-        _, _, rid, clen, plen = unpack(data)
-        off = 16 + plen
-        if clen != 8 or not rid:
-            return None
-        role, flags = _BEGIN_BODY.unpack_from(data, 8)
-        if role not in self._roles:
-            return None
         chunks = []                 # the PARAMS records' contents
-        size = 0
-        while True:
+        size = clen = clen1
+        while clen:
+            chunks.append(data[start:start + clen])
             if n - off < 8:
                 return None
             version, rtype, prid, clen, plen = unpack(data, off)
@@ -477,10 +483,7 @@ class ServerConnection:
             off = start + clen + plen
             if rtype != PARAMS or prid != rid or version != VERSION_1 or off > n:
                 return None
-            if not clen:
-                break
             size += clen
-            chunks.append(data[start:start + clen])
         if size > self._max_params:
             return None     # (the record-by-record path names the record that overflows)
         phase = _STDIN
