@@ -212,6 +212,27 @@ def test_large_stdout_split_at_65535():
     assert b"".join(c for _, _, c, _ in recs) == data
 
 
+@pytest.mark.parametrize("size", [0, 1, 8, 65535, 65536, 153600])
+@pytest.mark.parametrize("stderr", [False, True])
+def test_end_request_frames_the_last_stdout_data_in_front(size, stderr):
+    server = ServerConnection()
+    server.receive_data(simple_request(2))
+    if stderr:
+        server.send_stderr(2, b"warn")
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    recs = records(server.end_request(2, 3, stdout=data))
+    closing = [(p.STDOUT, b"")] + [(p.STDERR, b"")] * stderr \
+        + [(p.END_REQUEST, end_body(3, p.REQUEST_COMPLETE))]
+    n = len(recs) - len(closing)
+    assert [(t, c) for t, _, c, _ in recs[n:]] == closing
+    assert all(t == p.STDOUT and rid == 2 and 0 < len(c) <= 65535 and (len(c) + pad) % 8 == 0
+               for t, rid, c, pad in recs[:n])
+    assert b"".join(c for _, _, c, _ in recs[:n]) == data
+    assert server.active_requests == 0
+    with pytest.raises(ValueError):                    # over: stdout or not
+        server.end_request(2, stdout=b"late")
+
+
 def test_end_request_for_unknown_id_is_a_caller_error():
     server = ServerConnection()
     with pytest.raises(ValueError):

@@ -18,7 +18,8 @@ Typical application loop (one connection)::
         for event in conn.receive_data(data):       # ProtocolError -> close
             ...  # Request, StdinData, StdinEnd, AbortRequest
         sock.sendall(conn.data_to_send())            # automatic replies, often b""
-        # answering: sock.sendall(conn.send_stdout(rid, body) + conn.end_request(rid))
+        # answering: sock.sendall(conn.end_request(rid, stdout=body)), or in parts:
+        # conn.send_stdout(rid, part) ... conn.end_request(rid)
         if not data or (not conn.keep_conn and not conn.active_requests):
             break
 
@@ -180,17 +181,18 @@ def encode_record(record_type: int, request_id: int, content=b"") -> bytes:
                      content, _PAD[pad]))
 
 
-def encode_stream(record_type: int, request_id: int, data) -> bytes:
-    """``data`` as records of ``record_type``, split at 65535 bytes; b"" -> b"".
+def encode_stream(record_type: int, request_id: int, data, tail: bytes = b"") -> bytes:
+    """``data`` as records of ``record_type``, split at 65535 bytes, followed by
+    ``tail`` (records already framed) in the same join; b"" -> ``tail``.
 
     Does not add the empty end-of-stream record."""
     n = len(data)
     if n <= MAX_CONTENT:
         if not n:
-            return b""
+            return tail
         pad = -n & 7
         return b"".join((_HEADER.pack(VERSION_1, record_type, request_id, n, pad),
-                         data, _PAD[pad]))
+                         data, _PAD[pad], tail))
     parts = []
     view = memoryview(data).cast("B")
     for start in range(0, n, MAX_CONTENT):
@@ -199,6 +201,7 @@ def encode_stream(record_type: int, request_id: int, data) -> bytes:
         pad = -size & 7
         parts += (_HEADER.pack(VERSION_1, record_type, request_id, size, pad),
                   chunk, _PAD[pad])
+    parts.append(tail)
     return b"".join(parts)
 
 
@@ -630,11 +633,14 @@ class ServerConnection:
         return encode_stream(STDERR, request_id, data)
 
     def end_request(self, request_id: int, app_status: int = 0,
-                    protocol_status: int = REQUEST_COMPLETE) -> bytes:
+                    protocol_status: int = REQUEST_COMPLETE, stdout: bytes = b"") -> bytes:
         """Close the STDOUT (and STDERR, if used) streams and send END_REQUEST.
 
-        STDIN records that arrive later for this id (the client was still streaming) are
-        discarded until its empty STDIN record, then the id is free again."""
+        ``stdout``: the response's last STDOUT data, framed in front of the end (what
+        ``send_stdout(request_id, stdout) + end_request(request_id)`` gives, with one
+        call and one copy fewer). STDIN records that arrive later for this id (the
+        client was still streaming) are discarded until its empty STDIN record, then
+        the id is free again."""
         req = self._reqs.get(request_id)
         if req is None or req.phase == _DISCARD:
             raise ValueError(f"request id {request_id} is not active")
@@ -644,8 +650,9 @@ class ServerConnection:
             req.phase = _DISCARD
             req.params = []
         self._active -= 1
-        return self._end_records(request_id, app_status, protocol_status, req.keep_conn,
-                                 req.stderr_used)
+        end = self._end_records(request_id, app_status, protocol_status, req.keep_conn,
+                                req.stderr_used)
+        return encode_stream(STDOUT, request_id, stdout, end) if stdout else end
 
     def _end_records(self, rid: int, app_status: int, protocol_status: int,
                      keep_conn: bool, stderr_used: bool) -> bytes:

@@ -62,8 +62,9 @@ import threading
 import time
 import traceback
 
-from spawnd.fastcgi.protocol import (AUTHORIZER, RESPONDER, AbortRequest, ProtocolError,
-                                     Request, ServerConnection, StdinData, StdinEnd)
+from spawnd.fastcgi.protocol import (AUTHORIZER, REQUEST_COMPLETE, RESPONDER, AbortRequest,
+                                     ProtocolError, Request, ServerConnection, StdinData,
+                                     StdinEnd)
 from spawnd.wsgi.environ import NotMounted, build_environ, decode_params, wsgi_base
 from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
 from spawnd.wsgi.stream import EMPTY, InputStream
@@ -291,11 +292,11 @@ class Conn:
             return                  # the request is over: nothing more belongs to it
         if self.closed or self.eof:
             raise PeerGone()
-        proto = self.proto
-        out = proto.send_stdout(self.rid, data) if data else b""
         if end:
-            out += proto.end_request(self.rid, status)
+            out = self.proto.end_request(self.rid, status, REQUEST_COMPLETE, data)
             self.ended = True
+        else:
+            out = self.proto.send_stdout(self.rid, data)
         if self.pending:            # automatic replies the peer has not taken yet
             out, self.pending = self.pending + out, b""
         try:
