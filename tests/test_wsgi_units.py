@@ -374,9 +374,11 @@ def test_decode_params_merges_duplicates_as_the_environ_rules_say():
 def test_the_accept_bound_interrupts_even_when_its_first_shot_came_too_early(tmp_path):
     """The timer that bounds accept4() repeats: a shot that fires while the thread is
     still in Python (waiting for the GIL, say) interrupts nothing, and the next one must.
-    Here the first shot is spent on purpose before accept4() on an empty queue."""
+    Here the first shot is spent on purpose before accept4() on an empty queue. Then
+    the runner's ``ThreadTimer.accept``: EINTR on an empty queue, a non-blocking
+    close-on-exec descriptor when one is queued, and the timer off afterwards."""
     code = f"""
-import ctypes, errno, signal, socket, threading, time
+import ctypes, errno, os, signal, socket, threading, time
 from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _accept4, _ignore
 signal.signal(KICK, _ignore)
 ls = socket.socket(socket.AF_UNIX)
@@ -390,9 +392,22 @@ fd = _accept4(ls.fileno(), None, None, 0)
 err = ctypes.get_errno()
 timer.cancel()
 print(fd, errno.errorcode.get(err), round(time.monotonic() - t0, 3))
+# the runner's own use: timer.accept() bounds one accept4 in the same way
+fd, err = timer.accept(ls.fileno())
+print(fd, errno.errorcode.get(err))
+peer = socket.socket(socket.AF_UNIX)
+peer.connect({str(tmp_path / "l.sock")!r})
+fd, err = timer.accept(ls.fileno())
+print(fd >= 0, err, os.get_blocking(fd), os.get_inheritable(fd))
+shots = []                              # and cancels it: no shot comes afterwards
+signal.signal(KICK, lambda *_: shots.append(1))
+time.sleep(ACCEPT_BOUND * 3)
+print(len(shots))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=10)
     assert out.returncode == 0, out.stderr
-    fd, err, took = out.stdout.split()
+    first, empty, taken, quiet = out.stdout.splitlines()
+    fd, err, took = first.split()
     assert (fd, err) == ("-1", "EINTR") and float(took) < 0.5, out.stdout
+    assert empty == "-1 EINTR" and taken == "True 0 False False" and quiet == "0", out.stdout

@@ -10,7 +10,7 @@ spawnd-wsgi's own ``decode_params``, so the two differ in everything but that), 
 frame STDOUT and END_REQUEST. It accepts as a process of a spawnd pool must, with
 spawnd-wsgi's own code: its listening socket is treated as one shared with sibling
 processes (left blocking, watched with EPOLLEXCLUSIVE), and each wake-up takes one
-connection with ``accept_bounded``; the connection stays a bare non-blocking
+connection with ``ThreadTimer.accept``; the connection stays a bare non-blocking
 descriptor (``os.read``/``os.write``), as in spawnd-wsgi. Left out, and so not paid for:
 threads, limits, timeouts, management records, multiplexing, ABORT_REQUEST, graceful
 stop, header validation, and a streaming ``wsgi.input`` (the body is collected first).
@@ -35,7 +35,7 @@ from spawnd.fastcgi.protocol import (_CLOSE_AND_END, _HEADER, END_REQUEST, STDOU
                                      VERSION_1, encode_stream)
 from spawnd.wsgi.environ import decode_params
 # spawnd-wsgi's bounded accept (its KICK handler is private, as above)
-from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _ignore, accept_bounded
+from spawnd.wsgi.server import ACCEPT_BOUND, KICK, ThreadTimer, _ignore
 
 EXTRA = float(os.environ.get("FLOOR_EXTRA_US") or 0) * 1e-6
 BASE = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": False,
@@ -134,7 +134,7 @@ def main() -> None:
     while True:
         for fd, _ in epoll.poll():
             if fd == lfd:
-                cfd, _ = accept_bounded(lfd, bound)
+                cfd, _ = bound.accept(lfd)
                 if cfd < 0:
                     continue        # nothing to take (or any error: a floor, not a server)
                 conn = Conn(cfd)    # non-blocking, as spawnd-wsgi's connections

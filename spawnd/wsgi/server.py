@@ -133,17 +133,17 @@ class ThreadTimer:
     def cancel(self) -> None:
         _timer_settime(self._id, 0, self._off, None)
 
-
-def accept_bounded(lfd: int, bound: ThreadTimer) -> tuple[int, int]:
-    """One ``accept4()`` on a blocking listening socket shared with sibling processes,
-    under ``bound`` (started and cancelled here): (fd, 0), the new descriptor
-    non-blocking and close-on-exec, or (-1, errno) where EINTR means the bound expired
-    with nothing to take."""
-    bound.start()
-    fd = _accept4(lfd, None, None, _ACCEPT_FLAGS)
-    err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
-    bound.cancel()
-    return fd, err
+    def accept(self, lfd: int) -> tuple[int, int]:
+        """One ``accept4()`` on a blocking listening socket shared with sibling
+        processes, bounded by this timer (started and cancelled here, inline: this runs
+        for every connection): (fd, 0), the new descriptor non-blocking and
+        close-on-exec, or (-1, errno) where EINTR means the bound expired with nothing
+        to take."""
+        _timer_settime(self._id, 0, self._on, None)
+        fd = _accept4(lfd, None, None, _ACCEPT_FLAGS)
+        err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
+        _timer_settime(self._id, 0, self._off, None)
+        return fd, err
 
 
 def log(message: str) -> None:
@@ -201,7 +201,7 @@ class Conn:
 
     def __init__(self, fd: int, family: int, proto: ServerConnection, mask: int,
                  timeval: bytes) -> None:
-        self.fd = fd                # non-blocking (accept_bounded) until blocking()
+        self.fd = fd                # non-blocking (ThreadTimer.accept) until blocking()
         self.family = family
         self.sock: socket.SocketType | None = None     # made when first needed
         self.proto = proto
@@ -449,7 +449,7 @@ class Server:
     def _accept(self) -> None:
         """Take one connection. The wake-up may have gone to a sibling too, so the
         blocking accept4() runs under the ACCEPT_BOUND timer: EINTR means nothing came."""
-        fd, err = accept_bounded(self._lfd, self._bound)
+        fd, err = self._bound.accept(self._lfd)
         if fd < 0:
             if err in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO):
                 return          # a sibling took it (or it was reset): wait for the next
@@ -524,7 +524,9 @@ class Server:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
             for fd, mask in self.epoll.poll(timeout):
                 if fd == lfd:
-                    if self._listening and self._want_listening():
+                    # (_want_listening(), inline: this runs for every connection)
+                    if self._listening and not (self.stopping or self._paused_until
+                                                or self._in_app >= self.threads):
                         self._accept()
                     continue
                 if fd == self._wake_r:
