@@ -445,6 +445,28 @@ def test_bench_wsgi_smoke():
 
 
 @pytest.mark.slow
+def test_bench_wsgi_instructions_smoke():
+    """The counts hold still (the script's point): the same code measured as this tree
+    and as another tree agrees within 0.5% even over only 100 connections (the two
+    processes differ only in their import paths); each server's figure includes at least
+    decoding the 27 PARAMS, so a harness that served nothing would show."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(here)
+    script = os.path.join(repo, "benchmarks", "bench_wsgi_instructions.py")
+    out = subprocess.run([sys.executable, script, "--connections", "100", "--tree", repo],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {cells[0]: int(cells[1].replace(",", "")) for cells in
+            ([c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+             if line.startswith("| ") and "---" not in line and "server" not in line)}
+    assert set(rows) == {"spawnd-wsgi (this tree)", f"spawnd-wsgi ({repo})",
+                         "Python floor"}, out.stdout
+    mine, same = rows["spawnd-wsgi (this tree)"], rows[f"spawnd-wsgi ({repo})"]
+    assert abs(mine - same) <= mine * 0.005, out.stdout
+    assert min(rows.values()) > 50_000, out.stdout
+
+
+@pytest.mark.slow
 def test_bench_wsgi_cliff_smoke():
     """Two steps: both servers measured at each, and the added work shows in the floor's
     CPU time per request (the knob works, so the table means what it says)."""
