@@ -524,9 +524,7 @@ class Server:
                 timeout = 0.02 if timeout < 0 else min(timeout, 0.02)
             for fd, mask in self.epoll.poll(timeout):
                 if fd == lfd:
-                    # (_want_listening(), inline: this runs for every connection)
-                    if self._listening and not (self.stopping or self._paused_until
-                                                or self._in_app >= self.threads):
+                    if self._listening and self._want_listening():
                         self._accept()
                     continue
                 if fd == self._wake_r:
