@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_wsgi_instructions.py [--tree DIR ...]
 
 Timings on a shared VM move by tens of percent from one minute to the next; instruction
-counts do not: a run repeats its figures exactly, and the same code measured from two
-trees differs by a few instructions per connection (the import paths differ). Each server is driven in-process, with real sockets: N clients connect
+counts do not: a run repeats its figures exactly. A change anywhere in the package moves
+them by up to ~0.2% even where the path measured is untouched (the garbage collector and
+the allocator see a different history), so read smaller differences as none. Each server is driven in-process, with real sockets: N clients connect
 and write nginx's usual request (27 PARAMS, benchmarks/bench_fastcgi_parse.py, a GET
 of /hello with no body, no FCGI_KEEP_CONN), then the server takes each connection the
 way its loop does (spawnd-wsgi: ``Server._accept()``, the bounded accept4 through the
