@@ -135,14 +135,13 @@ class ThreadTimer:
 
     def accept(self, lfd: int) -> tuple[int, int]:
         """One ``accept4()`` on a blocking listening socket shared with sibling
-        processes, bounded by this timer (started and cancelled here, inline: this runs
-        for every connection): (fd, 0), the new descriptor non-blocking and
-        close-on-exec, or (-1, errno) where EINTR means the bound expired with nothing
-        to take."""
-        _timer_settime(self._id, 0, self._on, None)
+        processes, bounded by this timer (started and cancelled here): (fd, 0), the new
+        descriptor non-blocking and close-on-exec, or (-1, errno) where EINTR means the
+        bound expired with nothing to take."""
+        self.start()
         fd = _accept4(lfd, None, None, _ACCEPT_FLAGS)
         err = ctypes.get_errno() if fd < 0 else 0     # (before another ctypes call)
-        _timer_settime(self._id, 0, self._off, None)
+        self.cancel()
         return fd, err
 
 
