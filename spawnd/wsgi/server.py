@@ -62,9 +62,8 @@ import threading
 import time
 import traceback
 
-from spawnd.fastcgi.protocol import (AUTHORIZER, REQUEST_COMPLETE, RESPONDER, AbortRequest,
-                                     ProtocolError, Request, ServerConnection, StdinData,
-                                     StdinEnd)
+from spawnd.fastcgi.protocol import (AUTHORIZER, RESPONDER, AbortRequest, ProtocolError,
+                                     Request, ServerConnection, StdinData, StdinEnd)
 from spawnd.wsgi.environ import NotMounted, build_environ, decode_params, wsgi_base
 from spawnd.wsgi.response import NOT_FOUND, PeerGone, run_app
 from spawnd.wsgi.stream import EMPTY, InputStream
@@ -292,7 +291,7 @@ class Conn:
         if self.closed or self.eof:
             raise PeerGone()
         if end:
-            out = self.proto.end_request(self.rid, status, REQUEST_COMPLETE, data)
+            out = self.proto.end_request(self.rid, status, stdout=data)
             self.ended = True
         else:
             out = self.proto.send_stdout(self.rid, data)
