@@ -6,17 +6,19 @@
 Timings on a shared VM move by tens of percent from one minute to the next; instruction
 counts do not: a run repeats its figures exactly. A change anywhere in the package moves
 them by up to ~0.2% even where the path measured is untouched (the garbage collector and
-the allocator see a different history), so read smaller differences as none. Each server is driven in-process, with real sockets: N clients connect
-and write nginx's usual request (27 PARAMS, benchmarks/bench_fastcgi_parse.py, a GET
-of /hello with no body, no FCGI_KEEP_CONN), then the server takes each connection the
-way its loop does (spawnd-wsgi: ``Server._accept()``, the bounded accept4 through the
-response to close(); the floor: the same accept, then its ``serve``). The whole process
-runs under ``valgrind --tool=callgrind`` twice, with N/2 and 3N/2 connections after a
+the allocator see a different history), so read smaller differences as none.
+
+Each server is driven in-process, with real sockets: N clients connect and write
+nginx's usual request (27 PARAMS, benchmarks/bench_fastcgi_parse.py, a GET of /hello
+with no body, no FCGI_KEEP_CONN), then the server takes each connection the way its
+loop does (spawnd-wsgi: ``Server._accept()``, the bounded accept4 through the response
+to close(); the floor: the same accept, then its ``serve``). The whole process runs
+under ``valgrind --tool=callgrind`` twice, with N/2 and 3N/2 connections after a
 warm-up of 200 (N: --connections, default 1000); the difference divided by N is the
-cost per connection. The same harness doing
-only its own part (the clients, accept4 and close) is measured too and subtracted, so
-the figures are the server's own work. System calls are the kernel's work and are not
-counted: they are the same for both (7 per connection, see wsgi.md).
+cost per connection. The same harness doing only its own part (the clients, accept4
+and close) is measured too and subtracted, so the figures are the server's own work.
+System calls are the kernel's work and are not counted: they are the same for both (7
+per connection, see wsgi.md).
 
 --tree DIR (repeatable) measures spawnd-wsgi from another checkout's ``spawnd`` package
 (e.g. one made with ``git archive REV spawnd | tar x -C DIR``), for A/B comparisons.
@@ -27,11 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,21 +41,18 @@ REPO = os.path.dirname(HERE)
 def harness(mode: str, n: int) -> None:
     """The measured process: serve ``n`` queued connections (after a warm-up)."""
     sys.path[:0] = [HERE, os.path.join(HERE, "apps")]
+    import floor_fcgi
     from bench_fastcgi_parse import NGINX_PARAMS
     from spawnd.fastcgi.protocol import ClientConnection
-    from spawnd.wsgi.server import ACCEPT_BOUND, KICK, Server, ThreadTimer, _ignore
+    from spawnd.wsgi.server import Server
 
     params = [(k, v) for k, v in NGINX_PARAMS if k != "PATH_INFO"] + [("PATH_INFO", "/hello")]
     client = ClientConnection()
     request = client.begin_request(1, keep_conn=False, params=params) \
         + client.send_stdin(1, b"")
     path = os.path.join(os.environ["BENCH_DIR"], f"l{os.getpid()}.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen(4096)
+    listener, bound = floor_fcgi.listen(path)      # (the same set-up for all three)
     lfd = listener.fileno()
-    signal.signal(KICK, _ignore)
-    bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
     if mode == "spawnd-wsgi":
         from benchapp import application
         server = Server(application, listener)
@@ -63,8 +61,6 @@ def harness(mode: str, n: int) -> None:
         def take() -> None:
             server._accept()
     elif mode == "floor":
-        import floor_fcgi
-
         def take() -> None:
             fd, _ = bound.accept(lfd)
             if floor_fcgi.serve(floor_fcgi.Conn(fd)):
@@ -122,7 +118,6 @@ def main() -> int:
     if args.harness:
         harness(args.harness[0], int(args.harness[1]))
         return 0
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="bench-instr-") as workdir:
         n = max(2, args.connections)
         base = per_connection("base", n, None, workdir)

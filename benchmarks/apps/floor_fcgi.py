@@ -118,16 +118,21 @@ def serve(conn: Conn) -> bool:
         return False
 
 
-def main() -> None:
-    path = sys.argv[1]
+def listen(path: str) -> tuple[socket.socket, ThreadTimer]:
+    """A listening Unix socket at ``path`` (a stale file replaced) and the timer that
+    bounds each accept on it, set up as spawnd-wsgi does for a shared socket."""
     if os.path.exists(path):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
-    listener.listen(1024)
-    lfd = listener.fileno()
+    listener.listen(4096)
     signal.signal(KICK, _ignore)
-    bound = ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
+    return listener, ThreadTimer(KICK, threading.get_native_id(), ACCEPT_BOUND)
+
+
+def main() -> None:
+    listener, bound = listen(sys.argv[1])
+    lfd = listener.fileno()
     epoll = select.epoll()
     epoll.register(lfd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
     conns = {}
