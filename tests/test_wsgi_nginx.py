@@ -216,6 +216,79 @@ def test_keepalive_upstream_more_clients_than_threads(appdir, threads):
         _no_upstream_trouble(ngx)
 
 
+FAILING = r'''
+import os
+
+class Endless:
+    """An endless body whose close() leaves a mark."""
+    def __iter__(self):
+        while True:
+            yield b"x" * 65536
+    def close(self):
+        with open(os.environ["MARKER"], "a") as f:
+            f.write("closed\n")
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/before":
+        raise RuntimeError("boom before start_response")
+    if path.startswith("/after"):
+        headers = [("Content-Type", "text/plain")]
+        if environ["QUERY_STRING"] == "length":
+            headers.append(("Content-Length", "100000"))
+        start_response("200 OK", headers)
+        def body():
+            yield b"partial " * 1000
+            raise RuntimeError("boom after start_response")
+        return body()
+    if path == "/endless":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Endless()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"fine"]
+'''
+
+
+@pytest.mark.parametrize("query", ["", "length"])
+def test_application_errors_and_client_abort_behind_nginx(tmp_path, query):
+    """An error before start_response is a 500; after it, the client sees the response
+    break off (not a complete one); a client that goes away mid-response has the result
+    closed; the runner and nginx's upstream keep-alive pool go on serving."""
+    write_app(tmp_path, "failing", FAILING)
+    marker = tmp_path / "closed.txt"
+    upstream = f"upstream wsgi {{ server unix:{tmp_path}/app.sock; keepalive 4; }}"
+    with Runner(tmp_path, "failing", env={"MARKER": str(marker)}) as r, start_nginx(
+            tmp_path, location(r.path, extra="fastcgi_keep_conn on;", upstream="wsgi"),
+            http_conf=upstream, user="root") as ngx:
+        assert request(ngx, "GET", "/ok")[2] == b"fine"
+        status, _, body = request(ngx, "GET", "/before")
+        assert status == 500 and body == b"Internal Server Error\n"
+        wait_until(lambda: "boom before start_response" in r.stderr(), 5, "traceback")
+
+        conn = http.client.HTTPConnection("127.0.0.1", ngx.port, timeout=10)
+        conn.request("GET", "/after?" + query)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead) as broken:
+            resp.read()
+        conn.close()
+        assert broken.value.partial.startswith(b"partial ")
+        wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
+        wait_until(lambda: "upstream prematurely closed" in ngx.error_log(), 5,
+                   "nginx to log the broken-off response")
+
+        conn = http.client.HTTPConnection("127.0.0.1", ngx.port, timeout=10)
+        conn.request("GET", "/endless")
+        resp = conn.getresponse()
+        assert resp.status == 200 and len(resp.read(200_000)) == 200_000
+        conn.close()                # the client goes away mid-response
+        wait_until(lambda: marker.exists() and marker.read_text() == "closed\n", 10,
+                   "the result's close() after the client went away")
+        for _ in range(8):          # every kept upstream connection still good
+            assert request(ngx, "GET", "/ok")[2] == b"fine"
+        assert r.proc.poll() is None
+
+
 def _no_upstream_trouble(ngx):
     """nginx's error log shows no reset by, or premature close of, the runner."""
     bad = [line for line in ngx.error_log().splitlines()

@@ -577,19 +577,40 @@ def test_malformed_input_closes_only_that_connection(appdir, garbage):
         assert "protocol error" in r.stderr()
 
 
+def test_params_over_1_mib_close_only_that_connection(appdir):
+    with Runner(appdir, "apps:hello") as r:
+        big = Exchange(r.path)
+        params = cgi_params("/big") + [("HTTP_X_BIG", "a" * (1 << 20))]
+        big.sock.sendall(big.conn.begin_request(1, params=params)
+                         + big.conn.send_stdin(1, b""))
+        assert big.closed_by_peer()
+        wait_until(lambda: "protocol error" in r.stderr(), 5, "the log line")
+        assert "PARAMS" in r.stderr(), r.stderr()
+        small = cgi_params("/small") + [("HTTP_X_BIG", "a" * ((1 << 20) - 4096))]
+        assert b"path=/small" in Exchange(r.path).request(small)[0]
+
+
 def test_application_errors(appdir):
     with Runner(appdir, "apps:router") as r:
         out, _, end = Exchange(r.path).request(cgi_params("/raise_before"))
         assert split_cgi(out)[0] == 500 and end.app_status == 0
         wait_until(lambda: "boom before start_response" in r.stderr(), 5, "traceback")
         assert "Traceback" in r.stderr()
+        # After the headers: what was sent stands, but the request is never ended, so
+        # the web server cannot take the broken-off response for a whole one.
         ex = Exchange(r.path)
-        out, _, end = ex.request(cgi_params("/raise_after"), keep_conn=True)
+        c = ex.conn
+        ex.sock.sendall(c.begin_request(1, keep_conn=True, params=cgi_params("/raise_after"))
+                        + c.send_stdin(1, b""))
+        events = []
+        while data := ex.sock.recv(65536):      # (the runner closes the connection)
+            events += c.receive_data(data)
+        assert [type(ev) for ev in events if type(ev) is not Stdout] == []
+        out = b"".join(ev.data for ev in events)
         assert split_cgi(out)[0] == 200 and split_cgi(out)[2] == b"partial more"
-        assert end.app_status != 0
-        # the connection is still in a clean state
-        assert b"hello" in ex.request(cgi_params("/hello"), keep_conn=True)[0]
         wait_until(lambda: "boom after start_response" in r.stderr(), 5, "traceback")
+        # only that connection is gone
+        assert b"hello" in Exchange(r.path).request(cgi_params("/hello"), keep_conn=True)[0]
 
 
 @pytest.mark.parametrize("keep_conn", [False, True])

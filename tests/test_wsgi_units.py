@@ -11,9 +11,9 @@ from hypothesis import given, strategies as st
 
 from spawnd.fastcgi.protocol import ProtocolError, decode_pairs, encode_pairs
 from spawnd.wsgi.environ import (NotMounted, build_environ, decode_params, merge_params,
-                                 normalise_prefix, split_path)
+                                 normalise_prefix, split_path, wsgi_base)
 from spawnd.wsgi.main import read_env_file, UsageError
-from spawnd.wsgi.response import run_app
+from spawnd.wsgi.response import FILE_BLOCK, run_app
 from spawnd.wsgi.server import normalise_ip, parse_allowed
 from spawnd.wsgi.stream import EMPTY, InputStream
 
@@ -209,8 +209,8 @@ class ListSink:
     def __init__(self):
         self.calls = []
 
-    def send(self, data, end=False, status=0):
-        self.calls.append((data, end, status))
+    def send(self, data, end=False):
+        self.calls.append((data, end))
 
 
 def test_list_result_is_one_send_with_the_end():
@@ -219,7 +219,7 @@ def test_list_result_is_one_send_with_the_end():
         start_response("200 OK", [("A", "b")])
         return [b"x", b"y"]
     assert run_app(app, {}, sink)
-    assert sink.calls == [(b"Status: 200 OK\r\nA: b\r\n\r\nxy", True, 0)]
+    assert sink.calls == [(b"Status: 200 OK\r\nA: b\r\n\r\nxy", True)]
 
 
 def test_generator_result_coalesces_headers_with_first_chunk_and_closes():
@@ -235,8 +235,8 @@ def test_generator_result_coalesces_headers_with_first_chunk_and_closes():
         start_response("204 No Content", [])
         return Result()
     assert run_app(app, {}, sink)
-    assert sink.calls == [(b"Status: 204 No Content\r\n\r\none", False, 0),
-                          (b"two", False, 0), (b"", True, 0)]
+    assert sink.calls == [(b"Status: 204 No Content\r\n\r\none", False),
+                          (b"two", False), (b"", True)]
     assert closed == [True]
 
 
@@ -261,9 +261,72 @@ def test_exc_info_replaces_unsent_headers_and_reraises_after_sending(capsys):
         except ValueError:
             start_response("500 Oops", [], sys.exc_info())
         return []
-    assert run_app(late, {}, sink)
-    assert sink.calls[-1] == (b"", True, 1)           # ended with a non-zero app status
+    assert not run_app(late, {}, sink)                # broken off: for the caller to abort
+    assert sink.calls == [(b"Status: 200 OK\r\n\r\nsent", False)]      # and never ended
     assert "ValueError: late" in capsys.readouterr().err
+
+
+class Closing:
+    """A result iterable that records its close() and can fail at any step."""
+
+    def __init__(self, chunks, fail_at=None):
+        self.chunks, self.fail_at, self.closed = chunks, fail_at, 0
+
+    def __iter__(self):
+        for i, chunk in enumerate(self.chunks):
+            if i == self.fail_at:
+                raise RuntimeError("failed in the iterable")
+            yield chunk
+
+    def close(self):
+        self.closed += 1
+
+
+def test_an_iterable_that_fails_is_closed_once_whatever_was_sent(capsys):
+    for fail_at, expect_ok, expect in [
+            (0, True, None),                        # nothing sent: a 500 instead
+            (1, False, [(b"Status: 200 OK\r\n\r\na", False)])]:    # broken off
+        sink, result = ListSink(), Closing([b"a", b"b"], fail_at)
+        def app(environ, start_response):
+            start_response("200 OK", [])
+            return result
+        assert run_app(app, {}, sink) is expect_ok
+        assert result.closed == 1
+        if expect is None:
+            assert sink.calls[0][0].startswith(b"Status: 500 ") and sink.calls[-1][1]
+        else:
+            assert sink.calls == expect
+        assert "failed in the iterable" in capsys.readouterr().err
+
+
+def test_a_second_start_response_without_exc_info_is_an_error(capsys):
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        start_response("404 Not Found", [])
+        return [b"body"]
+    assert run_app(app, {}, sink)
+    assert [c[1] for c in sink.calls] == [True]
+    assert sink.calls[0][0].startswith(b"Status: 500 ")
+    assert "second time without exc_info" in capsys.readouterr().err
+
+
+def test_file_wrapper_reads_in_large_blocks_and_closes_the_file(tmp_path):
+    data = bytes(range(256)) * 2600                # 665,600 bytes: 2 whole blocks + a part
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    f = open(path, "rb")
+    sink = ListSink()
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](f, 4096)      # a small blksize is raised
+    environ = wsgi_base(multithread=False, multiprocess=False, run_once=False)
+    assert run_app(app, environ, sink)
+    head = b"Status: 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n"
+    assert [len(c[0]) for c in sink.calls] == [len(head) + FILE_BLOCK, FILE_BLOCK,
+                                               len(data) - 2 * FILE_BLOCK, 0]
+    assert b"".join(c[0] for c in sink.calls) == head + data and sink.calls[-1][1]
+    assert f.closed
 
 
 @pytest.mark.parametrize("status,headers,error", [

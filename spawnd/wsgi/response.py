@@ -1,9 +1,10 @@
 """Running one WSGI call: start_response, write(), the result iterable, close().
 
-The output goes to a *sink* with one method, ``send(data, end=False, status=0)``: ``data``
-is raw CGI response bytes (the header block, then body bytes); ``end=True`` finishes the
-response (``status`` is the FastCGI application status); a sink ignores anything sent
-after the end. Each call is one write, so the header block travels with the first body
+The output goes to a *sink* with one method, ``send(data, end=False)``: ``data`` is raw
+CGI response bytes (the header block, then body bytes); ``end=True`` finishes the
+response; a sink ignores anything sent after the end. A response the application
+breaks off after its headers went out is never ended: ``run_app`` returns False and the
+caller aborts it. Each call is one write, so the header block travels with the first body
 chunk, and a list/tuple result is sent together with the end of the response. The
 application's ``close()`` is called in every case; if it raises after the response was
 complete, the traceback is logged and the response stands. A sink raises ``PeerGone`` (and
@@ -53,7 +54,7 @@ class _Spent:
     makes later (a callable it kept) goes nowhere, whatever the sink answers next."""
 
     @staticmethod
-    def send(data: bytes, end: bool = False, status: int = 0) -> None:
+    def send(data: bytes, end: bool = False) -> None:
         pass
 
 
@@ -145,8 +146,10 @@ def _bad_header(status: str, headers) -> Exception:
 
 def run_app(app, environ: dict, sink, errors=None) -> bool:
     """Call ``app`` and send its response to ``sink``; returns False if the response
-    could not be completed (the peer went away). Application errors are logged to
-    ``errors`` (default sys.stderr) and answered with a 500 when nothing was sent yet."""
+    could not be completed: the peer went away, or the application failed after the
+    headers were sent (then the end is not sent either: the caller aborts the response,
+    so that nobody mistakes what was sent for all of it). Application errors are logged
+    to ``errors`` (default sys.stderr) and answered with a 500 when nothing was sent yet."""
     resp = _Response(sink)
     result = None
     try:
@@ -182,11 +185,10 @@ def _app_error(resp: _Response, sink, errors) -> bool:
         pass
     if resp.ended:      # e.g. close() raised after a complete response: nothing to add
         return True
+    if resp.sent:       # part of a response is out: it cannot be made whole
+        return False
     try:
-        if resp.sent:
-            sink.send(b"", end=True, status=1)
-        else:
-            sink.send(ERROR_500, end=True)
+        sink.send(ERROR_500, end=True)
         return True
     except PeerGone:
         return False

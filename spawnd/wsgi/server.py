@@ -282,7 +282,7 @@ class Conn:
         if out or self.pending:
             self.send_replies(out)
 
-    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+    def send(self, data: bytes, end: bool = False) -> None:
         """The response sink of request ``rid`` (see run_app): STDOUT records, then
         END_REQUEST. The connection answers one request at a time, so it is its own
         sink: one object fewer per request."""
@@ -291,7 +291,7 @@ class Conn:
         if self.closed or self.eof:
             raise PeerGone()
         if end:
-            out = self.proto.end_request(self.rid, status, stdout=data)
+            out = self.proto.end_request(self.rid, stdout=data)
             self.ended = True
         else:
             out = self.proto.send_stdout(self.rid, data)
@@ -755,56 +755,52 @@ class Server:
                     self._wake()    # the loop listens again
 
     def _serve_conn(self, conn: Conn) -> None:
-        """Serve the connection's requests one after another (pipelined ones too), then
-        give it back to the loop, or close it."""
+        """Serve the connection's request, then give the connection back to the loop, or
+        close it. It is the only request there: the protocol refuses (CANT_MPX_CONN) one
+        that begins while another is active, and nothing more is read until this one
+        has ended, so whatever is left in ``events`` belongs to it."""
         events = conn.events
-        while True:
-            req = events.popleft()
-            rid = conn.rid = req.request_id
-            conn.ended = False
-            if events and type(events[0]) is StdinEnd:
-                events.popleft()    # no body, and all of the request has come
-                stream = EMPTY
-            else:
-                stream = InputStream(lambda: self._next_stdin(conn))
+        req = events.popleft()
+        conn.rid = req.request_id
+        conn.ended = False
+        if events and type(events[0]) is StdinEnd:
+            events.popleft()        # no body, and all of the request has come
+            stream = EMPTY
+        else:
+            stream = InputStream(lambda: self._next_stdin(conn))
+        try:
+            environ = build_environ(req.params, self.prefix)
+        except NotMounted:
             try:
-                environ = build_environ(req.params, self.prefix)
-            except NotMounted:
-                try:
-                    conn.send(NOT_FOUND, end=True)
-                except PeerGone:
-                    pass
-            else:
-                environ.update(self._environ_base[req.role])
-                environ["wsgi.input"] = stream
-                run_app(self.app, environ, conn)
-            if not conn.ended and not conn.eof and not conn.closed:
-                try:        # aborted or failed mid-response: end the request anyway
-                    conn.sendall(conn.proto.end_request(rid, 1))
-                    conn.ended = True
-                except (OSError, ValueError):
-                    conn.eof = True
-            input_done = stream.finished or self._stdin_ended(conn)
-            while events and type(events[0]) is not Request:
-                events.popleft()    # late STDIN of the finished request
-            conn.served += 1
+                conn.send(NOT_FOUND, end=True)
+            except PeerGone:
+                pass
+        else:
+            environ.update(self._environ_base[req.role])
+            environ["wsgi.input"] = stream
+            run_app(self.app, environ, conn)
+        input_done = stream.finished or self._stdin_ended(conn)
+        events.clear()              # late STDIN of the finished request
+        conn.served += 1
+        if conn.closed:
+            return
+        if conn.eof:
+            return self._close(conn)
+        if not conn.ended:
+            # The application broke its response off after the headers (run_app): with
+            # no END_REQUEST the web server sees the response end early, so it does not
+            # pass it on, or cache it, as complete.
+            return self._close(conn, graceful=not input_done)
+        if not conn.proto.keep_conn or self.stopping:
+            # Close now when the peer has nothing more to send; else drain first.
+            return self._close(conn, graceful=not input_done)
+        with conn.lock:
+            conn.busy = False
             if conn.closed:
                 return
-            if conn.eof or not conn.ended:
-                return self._close(conn)    # (not ended: the connection is not reused)
-            if not conn.proto.keep_conn or self.stopping:
-                # Close now when the peer has nothing more to send; else drain first.
-                return self._close(conn, graceful=not input_done)
-            if events:
-                continue            # a pipelined request
-            with conn.lock:
-                conn.busy = False
-                if conn.closed:
-                    return
-                watched = self._rearm_any(conn)
-            if not watched:         # epoll refused it (max_user_watches?): do not leak it
-                self._close(conn)
-            return
+            watched = self._rearm_any(conn)
+        if not watched:             # epoll refused it (max_user_watches?): do not leak it
+            self._close(conn)
 
     @staticmethod
     def _stdin_ended(conn: Conn) -> bool:
