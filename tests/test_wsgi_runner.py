@@ -15,9 +15,10 @@ import time
 import pytest
 
 from spawnd import health
-from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, PARAMS,
-                                     STDIN, STDOUT, UNKNOWN_ROLE, ClientConnection, EndRequest,
-                                     GetValuesResult, Stdout, encode_pairs, encode_record)
+from spawnd.fastcgi.protocol import (ABORT_REQUEST, BEGIN_REQUEST, CANT_MPX_CONN,
+                                     END_REQUEST, PARAMS, STDIN, STDOUT, UNKNOWN_ROLE,
+                                     ClientConnection, EndRequest, GetValuesResult, Stdout,
+                                     encode_pairs, encode_record)
 from support.proc import blocked_syscall, cpu_ticks
 from test_wsgi_support import (Exchange, Runner, cgi_params, connect, split_cgi,
                                wait_until, write_app)
@@ -124,9 +125,12 @@ def test_serves_a_request_and_answers_get_values(appdir):
         s.sendall(client.get_values([b"FCGI_MAX_REQS", b"FCGI_MPXS_CONNS", b"NOPE"]))
         events = []
         while not events:
-            events = client.receive_data(s.recv(4096))
+            data = s.recv(4096)
+            assert data, "the runner closed the connection without answering GET_VALUES"
+            events = client.receive_data(data)
         s.close()
-        assert events == [GetValuesResult({b"FCGI_MAX_REQS": b"1",
+        # FCGI_MAX_REQS: the requests it runs at once (--threads), one per connection
+        assert events == [GetValuesResult({b"FCGI_MAX_REQS": b"3",
                                            b"FCGI_MPXS_CONNS": b"0"})]
         assert r.stop() == 0
 
@@ -748,6 +752,32 @@ def test_abort_request_ends_a_request_reading_its_body(appdir):
                                     keep_conn=True)[0])[2] == b"def"
         r2 = Exchange(r.path)
         assert split_cgi(r2.request(cgi_params("/"), b"abc")[0])[2] == b"abc"
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_second_request_sent_before_the_first_ended_is_refused(appdir, threads):
+    """The runner does not multiplex: a request that comes while another is active on
+    the connection (here, in the same write) is refused with CANT_MPX_CONN and never
+    reaches the application, and --max-requests counts only what it served."""
+    with Runner(appdir, "apps:hello", "--threads", threads, "--max-requests", "2") as r:
+        ex = Exchange(r.path)
+        c = ex.conn
+        ex.sock.sendall(b"".join(c.begin_request(rid, keep_conn=True,
+                                                 params=cgi_params(f"/r{rid}"))
+                                 + c.send_stdin(rid, b"") for rid in (1, 2)))
+        ends, out = {}, b""
+        while len(ends) < 2:
+            data = ex.sock.recv(65536)
+            assert data, f"closed with {ends}"
+            for ev in c.receive_data(data):
+                if type(ev) is EndRequest:
+                    ends[ev.request_id] = ev.protocol_status
+                elif type(ev) is Stdout:
+                    out += ev.data
+        assert ends == {1: 0, 2: CANT_MPX_CONN}
+        assert b"path=/r1" in out and b"/r2" not in out
+        assert b"path=/r3" in ex.request(cgi_params("/r3"), keep_conn=True)[0]
+        assert r.proc.wait(10) == 0         # the second request served: --max-requests 2
 
 
 def test_max_requests_finishes_in_flight_then_exits_0(appdir):

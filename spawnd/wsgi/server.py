@@ -464,11 +464,10 @@ class Server:
     def _adopt(self, fd: int) -> None:
         # A connection is its descriptor until it needs a socket object (Conn.socket):
         # a Unix one usually never does. TCP needs one at once.
-        conn = Conn(fd, self.family, ServerConnection(max_conns=self._max_conns,
-                                                      max_reqs=1, mpxs_conns=False,
-                                                      roles=self._roles,
-                                                      params_decoder=decode_params),
-                    0, self._timeval)
+        proto = ServerConnection(max_conns=self._max_conns, max_reqs=self.threads,
+                                 mpxs_conns=False, roles=self._roles,
+                                 params_decoder=decode_params)
+        conn = Conn(fd, self.family, proto, 0, self._timeval)
         if self._tcp:
             try:
                 sock = conn.socket()
