@@ -23,7 +23,7 @@ class StdoutSink:
         self.fd = fd
         self.ended = False
 
-    def send(self, data: bytes, end: bool = False, status: int = 0) -> None:
+    def send(self, data: bytes, end: bool = False) -> None:
         if self.ended:
             return
         self.ended = end
@@ -51,18 +51,17 @@ def body_reader(fd: int, length: int | None):
 
 def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
               stdout_fd: int = 1) -> int:
-    """Serve the one request; returns the exit status (0 unless stdout failed)."""
+    """Serve the one request; returns the exit status: 0, or 1 when the response could
+    not be completed (stdout failed, or the application failed after its headers)."""
     params = [(name.decode("latin-1"), value.decode("latin-1"))
               for name, value in os.environb.items()]
     sink = StdoutSink(stdout_fd)
     try:
         environ = build_environ(params, script_name)
-    except NotMounted:
-        try:
-            sink.send(NOT_FOUND, end=True)
-        except PeerGone:
-            return 1
-        return 0
+        mounted = True
+    except NotMounted:          # answered 404; its body is still consumed (see below)
+        environ = build_environ(params)
+        mounted = False
     try:
         length = content_length(environ)
     except ValueError:
@@ -70,9 +69,16 @@ def serve_cgi(app, script_name: str | None = None, stdin_fd: int = 0,
         print(f"spawnd-wsgi: invalid CONTENT_LENGTH {environ['CONTENT_LENGTH']!r};"
               " ignoring the body", file=sys.stderr)
     stream = InputStream(body_reader(stdin_fd, length))
-    environ.update(wsgi_base(multithread=False, multiprocess=True, run_once=True))
-    environ["wsgi.input"] = stream
-    ok = run_app(app, environ, sink)
+    if mounted:
+        environ.update(wsgi_base(multithread=False, multiprocess=True, run_once=True))
+        environ["wsgi.input"] = stream
+        ok = run_app(app, environ, sink)
+    else:
+        try:
+            sink.send(NOT_FOUND, end=True)
+            ok = True
+        except PeerGone:
+            ok = False
     try:
         # A CGI server still writing the body would fail the whole response (fcgiwrap
         # answers 502 on EPIPE), so consume what the application left unread.

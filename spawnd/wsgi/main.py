@@ -221,6 +221,10 @@ def run(args) -> int:
         if listener is None and "GATEWAY_INTERFACE" not in os.environ:
             raise UsageError("fd 0 is not a listening socket and GATEWAY_INTERFACE is not "
                              "set (not a CGI request): start me from spawnd, or use --bind")
+        if listener is None:
+            # CGI: fd 1 carries the response and nothing else; what the application
+            # prints, at import too, goes to stderr (the web server's error log).
+            sys.stdout = sys.stderr
         app = load_app(args.app)
         if listener is None:
             from spawnd.wsgi.cgi import serve_cgi
