@@ -54,13 +54,22 @@ def parser() -> argparse.ArgumentParser:
         prog="spawnd-wsgi",
         description="Serve a WSGI application on the FastCGI listening socket on fd 0 "
                     "(as spawnd starts it), on --bind, or once as a CGI script when fd 0 "
-                    "is not a socket.")
+                    "is not a listening socket and GATEWAY_INTERFACE is set; with none of "
+                    "these it exits with status 2.",
+        epilog="Exit status: 0 after a normal stop (TERM/INT or --max-requests, even "
+               "when --graceful-timeout cuts requests short); 1 when a CGI response "
+               "could not be completed; 2 for a usage or start-up error; the "
+               "application's own status if it raises SystemExit. Environment: "
+               "FCGI_WEB_SERVER_ADDRS, a comma-separated list of IP addresses allowed "
+               "to connect over TCP (Unix-socket peers are always allowed; a malformed "
+               "entry: exit 2).")
     p.add_argument("app", metavar="MODULE[:CALLABLE]",
                    help="the application; CALLABLE defaults to 'application', may be a "
                         "dotted path and may end in '()' to call a factory")
     p.add_argument("--bind", metavar="unix:PATH|tcp:HOST:PORT",
                    help="bind and listen here instead of using fd 0 (development)")
-    p.add_argument("--backlog", type=positive, default=1024, help="listen backlog for --bind")
+    p.add_argument("--backlog", type=positive, default=1024,
+                   help="listen backlog for --bind (default 1024)")
     p.add_argument("--threads", type=positive, default=1,
                    help="worker threads running the application (default 1: the "
                         "application runs in the event loop thread)")
