@@ -896,24 +896,34 @@ def test_script_name_prefix(appdir):
         assert split_cgi(Exchange(r.path).request(cgi_params("/other"))[0])[0] == 404
 
 
-def _tcp_runner(appdir, allowed: str):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+def _listening(host: str, appdir):
+    """A listening socket: TCP on host (port chosen by the kernel), or Unix ("unix")."""
+    if host == "unix":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(appdir / "allow.sock"))
+    else:
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.bind((host, 0))
     listener.listen(16)
-    return listener, Runner(appdir, "apps:hello", listener=listener,
-                            env={"FCGI_WEB_SERVER_ADDRS": allowed})
+    return listener
 
 
-@pytest.mark.parametrize("allowed,ok", [
-    ("10.1.2.3, ::1", False),
-    ("10.1.2.3,127.0.0.1", True),
-    ("::ffff:127.0.0.1", True),
-    ("", True),
+@pytest.mark.parametrize("host,allowed,ok", [
+    ("127.0.0.1", "10.1.2.3, ::1", False),
+    ("127.0.0.1", "10.1.2.3,127.0.0.1", True),
+    ("127.0.0.1", "::ffff:127.0.0.1", True),
+    ("127.0.0.1", "", True),
+    ("::1", "0:0::1", True),                # compared in canonical form
+    ("::1", "127.0.0.1", False),
+    ("unix", "10.1.2.3", True),             # Unix peers have no address: always allowed
 ])
-def test_fcgi_web_server_addrs(appdir, allowed, ok):
-    listener, r = _tcp_runner(appdir, allowed)
-    with listener, r:
-        s = socket.create_connection(listener.getsockname(), 5)
+def test_fcgi_web_server_addrs(appdir, host, allowed, ok):
+    listener = _listening(host, appdir)
+    with listener, Runner(appdir, "apps:hello", listener=listener,
+                          env={"FCGI_WEB_SERVER_ADDRS": allowed}) as r:
+        s = socket.socket(listener.family)
+        s.settimeout(5)
+        s.connect(listener.getsockname())
         client = ClientConnection()
         s.sendall(client.begin_request(1, params=cgi_params("/")) + client.send_stdin(1, b""))
         data = b""
@@ -924,6 +934,7 @@ def test_fcgi_web_server_addrs(appdir, allowed, ok):
             pass
         s.close()
         assert (b"hello" in data) == ok, (data, r.stderr())
+        assert ("refusing connection" in r.stderr()) != ok, r.stderr()
         assert r.stop() == 0
 
 
