@@ -785,13 +785,11 @@ class Server:
             return
         if conn.eof:
             return self._close(conn)
-        if not conn.ended:
-            # The application broke its response off after the headers (run_app): with
-            # no END_REQUEST the web server sees the response end early, so it does not
-            # pass it on, or cache it, as complete.
-            return self._close(conn, graceful=not input_done)
-        if not conn.proto.keep_conn or self.stopping:
-            # Close now when the peer has nothing more to send; else drain first.
+        if not conn.ended or not conn.proto.keep_conn or self.stopping:
+            # Not ended: the application broke its response off after the headers
+            # (run_app); with no END_REQUEST the web server sees the response end early,
+            # so it does not pass it on, or cache it, as complete. Close now when the
+            # peer has nothing more to send; else drain first.
             return self._close(conn, graceful=not input_done)
         with conn.lock:
             conn.busy = False
@@ -823,7 +821,13 @@ class Server:
                     events.popleft()
                     return b""
                 if kind is AbortRequest:
+                    # The web server wants no answer: END_REQUEST now; whatever the
+                    # application sends after this is dropped (Conn.send).
                     events.popleft()
+                    try:
+                        conn.send(b"", end=True)
+                    except PeerGone:
+                        pass
                     raise ClientDisconnected("the web server aborted the request")
                 raise ClientDisconnected(f"unexpected {kind.__name__} in STDIN")
             if conn.eof:
