@@ -267,10 +267,32 @@ def test_stdin_after_end_request_is_discarded_until_its_end():
     events = server.receive_data(begin(1) + rec(p.PARAMS, 1) + rec(p.STDIN, 1, b"a"))
     assert events[-1] == StdinData(1, b"a")
     server.end_request(1)                              # app answered early (e.g. 413)
+    assert not server.input_ended(1)                   # the client is still sending
     assert server.receive_data(rec(p.STDIN, 1, b"b" * 100)) == []
     assert server.receive_data(rec(p.STDIN, 1)) == []
+    assert server.input_ended(1)
     with pytest.raises(ProtocolError):                 # now the id is free: strict again
         server.receive_data(rec(p.STDIN, 1, b"c"))
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_input_ended_follows_the_stdin_stream(whole):
+    """Whether the one-pass parse of a whole request or record-by-record framing."""
+    server = ServerConnection()
+    head = begin(1, flags=p.KEEP_CONN) + rec(p.PARAMS, 1, nv(b"A", b"b")) + rec(p.PARAMS, 1)
+    assert server.input_ended(1)                       # never begun
+    if whole:
+        server.receive_data(head + rec(p.STDIN, 1))
+    else:
+        for byte in range(len(head)):
+            server.receive_data(head[byte:byte + 1])
+        assert not server.input_ended(1)
+        server.receive_data(rec(p.STDIN, 1, b"x"))
+        assert not server.input_ended(1)
+        server.receive_data(rec(p.STDIN, 1))
+    assert server.input_ended(1)                       # before end_request
+    server.end_request(1)
+    assert server.input_ended(1)                       # and after
 
 
 def test_new_begin_request_reuses_a_discarding_id():

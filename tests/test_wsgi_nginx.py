@@ -228,8 +228,20 @@ class Endless:
         with open(os.environ["MARKER"], "a") as f:
             f.write("closed\n")
 
+class DrainOnClose:
+    """A 413 whose close() consumes the body it refused (a middleware habit)."""
+    def __init__(self, environ):
+        self.environ = environ
+    def __iter__(self):
+        yield b"too large"
+    def close(self):
+        self.environ["wsgi.input"].read()
+
 def application(environ, start_response):
     path = environ["PATH_INFO"]
+    if path == "/refuse":
+        start_response("413 Payload Too Large", [("Content-Type", "text/plain")])
+        return DrainOnClose(environ)
     if path == "/before":
         raise RuntimeError("boom before start_response")
     if path.startswith("/after"):
@@ -287,6 +299,25 @@ def test_application_errors_and_client_abort_behind_nginx(tmp_path, query):
         for _ in range(8):          # every kept upstream connection still good
             assert request(ngx, "GET", "/ok")[2] == b"fine"
         assert r.proc.poll() is None
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_body_drained_after_the_response_leaves_the_next_request_alone(tmp_path,
+                                                                         threads):
+    """The 413's close() reads wsgi.input after END_REQUEST went out: it must not take
+    the next request nginx sends on the kept connection for more of that body (the
+    request would be lost, and nginx answer 504 after fastcgi_read_timeout)."""
+    write_app(tmp_path, "failing", FAILING)
+    upstream = f"upstream wsgi {{ server unix:{tmp_path}/app.sock; keepalive 4; }}"
+    with Runner(tmp_path, "failing", "--threads", threads) as r, start_nginx(
+            tmp_path, location(r.path, extra="fastcgi_keep_conn on; "
+                               "fastcgi_read_timeout 10s;", upstream="wsgi"),
+            http_conf=upstream, user="root") as ngx:
+        for _ in range(3):      # a body larger than the runner's first read (64 KiB)
+            status, _, body = request(ngx, "POST", "/refuse", body=b"x" * (150 << 10))
+            assert (status, body) == (413, b"too large")
+            assert request(ngx, "GET", "/ok", timeout=5)[2] == b"fine", r.stderr()
+        assert "Traceback" not in r.stderr(), r.stderr()
 
 
 def _no_upstream_trouble(ngx):

@@ -42,6 +42,29 @@ def started_echo(environ, start_response):
     write(b"started ")              # the headers go out before the body is read
     return [environ["wsgi.input"].read()]
 
+class DrainOnClose:
+    def __init__(self, environ):
+        self.environ = environ
+    def __iter__(self):
+        yield b"too large"
+    def close(self):                # a middleware habit: consume the unread body
+        print("close() read %d bytes" % len(self.environ["wsgi.input"].read()),
+              file=sys.stderr)
+
+def refuse_body(environ, start_response):
+    start_response("413 Payload Too Large", [("Content-Type", "text/plain")])
+    return DrainOnClose(environ)
+
+def reread(environ, start_response):
+    open(os.environ["READING"], "w").close()
+    for _ in range(2):              # the second read comes after the abort
+        try:
+            print("read %d bytes" % len(environ["wsgi.input"].read()), file=sys.stderr)
+        except ConnectionError as exc:
+            print("read failed:", exc, file=sys.stderr)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ignored"]
+
 def slow(environ, start_response):
     time.sleep(float(environ["QUERY_STRING"] or "1"))
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -806,6 +829,38 @@ def test_abort_request_after_the_headers_ends_the_request_and_keeps_the_connecti
         # the same keep-alive connection serves the next request
         assert split_cgi(ex.request(cgi_params("/echo", "POST", body=b"def"), b"def",
                                     keep_conn=True)[0])[2] == b"def"
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("case", ["refuse_body", "reread"])
+def test_reading_the_body_after_the_end_leaves_the_next_request_alone(appdir, threads,
+                                                                      case):
+    """Once a request has ended (answered; or aborted by the web server), wsgi.input is
+    at its end without reading the socket: what comes there next is the web server's
+    next request on the kept connection, not this one's input."""
+    marker = appdir / "reading"
+    with Runner(appdir, "apps:router", "--threads", threads,
+                env={"READING": str(marker)}) as r:
+        ex = Exchange(r.path)
+        c = ex.conn
+        ex.sock.sendall(c.begin_request(1, keep_conn=True, params=cgi_params(
+            f"/{case}", "POST", body=b"x" * 10)) + c.send_stdin(1, b"x" * 5))
+        if case == "reread":
+            wait_until(marker.exists, 5, "the application to start reading its body")
+            ex.sock.sendall(c.abort_request(1))
+        out, _, end = ex.response()
+        assert end.request_id == 1
+        if case == "refuse_body":
+            assert split_cgi(out)[:3:2] == (413, b"too large")
+            wait_until(lambda: "close() read 0 bytes" in r.stderr(), 5, "close()'s read")
+        else:
+            wait_until(lambda: "read 0 bytes" in r.stderr(), 5, "the read after the abort")
+            assert "read failed: the web server aborted the request" in r.stderr()
+        # the rest of the first body (the protocol drops it), then the next request
+        ex.sock.sendall(c.send_stdin(1, b"y" * 5) + c.send_stdin(1, b""))
+        out = ex.request(cgi_params("/hello"), keep_conn=True)[0]
+        assert b"path=/hello" in out, r.stderr()
+        assert "unexpected" not in r.stderr(), r.stderr()
 
 
 def test_max_requests_finishes_in_flight_then_exits_0(appdir):

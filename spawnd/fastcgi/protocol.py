@@ -681,6 +681,13 @@ class ServerConnection:
         """Requests begun and not yet ended (by ``end_request`` or automatically)."""
         return self._active
 
+    def input_ended(self, request_id: int) -> bool:
+        """Has the client sent all of the request's STDIN (its empty record)? True also
+        for an id no longer known (ended with its input complete, or never begun); False
+        while STDIN is still to come, before or after ``end_request``."""
+        req = self._reqs.get(request_id)
+        return req is None or req.phase == _INPUT_DONE
+
 
 # ---- the web server side -------------------------------------------------------------
 class ClientConnection:

@@ -756,8 +756,9 @@ class Server:
     def _serve_conn(self, conn: Conn) -> None:
         """Serve the connection's request, then give the connection back to the loop, or
         close it. It is the only request there: the protocol refuses (CANT_MPX_CONN) one
-        that begins while another is active, and nothing more is read until this one
-        has ended, so whatever is left in ``events`` belongs to it."""
+        that begins while another is active, and the connection is read only for this
+        request's input until it has ended (_next_stdin), so whatever is left in
+        ``events`` belongs to it."""
         events = conn.events
         req = events.popleft()
         conn.rid = req.request_id
@@ -778,7 +779,7 @@ class Server:
             environ.update(self._environ_base[req.role])
             environ["wsgi.input"] = stream
             run_app(self.app, environ, conn)
-        input_done = stream.finished or self._stdin_ended(conn)
+        input_done = conn.proto.input_ended(conn.rid)
         events.clear()              # late STDIN of the finished request
         conn.served += 1
         if conn.closed:
@@ -799,16 +800,15 @@ class Server:
         if not watched:             # epoll refused it (max_user_watches?): do not leak it
             self._close(conn)
 
-    @staticmethod
-    def _stdin_ended(conn: Conn) -> bool:
-        for ev in conn.events:
-            if type(ev) is StdinEnd:
-                return True
-        return False
-
     def _next_stdin(self, conn: Conn) -> bytes:
         """The next piece of the request's STDIN (b"" at its end), reading the
-        socket (blocking, with the I/O timeout) only when nothing is buffered."""
+        socket (blocking, with the I/O timeout) only when nothing is buffered. Once the
+        request has ended (answered, or aborted by the web server), its input is over
+        for the application: b"" without reading, since what the socket holds then
+        belongs to the next request (the loop reads it; the protocol drops what is
+        left of this one's STDIN)."""
+        if conn.ended:
+            return b""
         events = conn.events
         while True:
             while events:
