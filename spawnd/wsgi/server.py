@@ -673,15 +673,20 @@ class Server:
         connection not yet in the epoll set (mask 0); no system call when the
         level-triggered registration (--threads 1) is already right."""
         want = self._arm | select.EPOLLOUT if conn.pending else self._arm
-        if want != conn.mask or want & select.EPOLLONESHOT:
+        old = conn.mask
+        if want != old or want & select.EPOLLONESHOT:
+            # The mask is set first: once a worker's register() is in the kernel, the
+            # loop may take the connection (it is not busy) before the worker runs again,
+            # and must then modify the registration, not register it a second time.
+            conn.mask = want
             try:
-                if conn.mask:
+                if old:
                     self.epoll.modify(conn.fd, want)
                 else:
                     self.epoll.register(conn.fd, want)
             except OSError:
+                conn.mask = old
                 return False
-            conn.mask = want
         return True
 
     def _drain(self, conn: Conn) -> None:
