@@ -467,6 +467,20 @@ def test_server_rejects_malformed_input(wire):
         server.receive_data(simple_request(9))
 
 
+@pytest.mark.parametrize("wire", BAD_SERVER_INPUT.values(), ids=BAD_SERVER_INPUT.keys())
+def test_malformed_input_split_at_every_byte_boundary_fails_alike(wire):
+    """Wherever the bytes are cut (the one-pass parse of a whole request, or record by
+    record), the fault is found, and named the same."""
+    with pytest.raises(ProtocolError) as whole:
+        ServerConnection().receive_data(wire)
+    for cut in range(1, len(wire)):
+        server = ServerConnection()
+        with pytest.raises(ProtocolError) as split:
+            server.receive_data(wire[:cut])
+            server.receive_data(wire[cut:])
+        assert str(split.value) == str(whole.value), f"split at byte {cut}"
+
+
 def test_params_size_limit_enforced_while_accumulating():
     server = ServerConnection(max_params_size=1000)
     server.receive_data(begin(1) + rec(p.PARAMS, 1, b"x" * 600))
