@@ -894,6 +894,38 @@ def test_signal_finishes_in_flight_request_then_exits_0(appdir, sig):
         assert idle.closed_by_peer(), "an idle keep-alive connection was left open"
 
 
+def test_after_sigterm_new_connections_are_left_for_the_next_process(appdir):
+    """With a worker busy (--threads 2, so the loop could still accept), a connection
+    that comes after SIGTERM is not accepted: on a pool's shared socket it stays queued
+    for a sibling or the replacement (the fd-0 test behind nginx shows that); here, on
+    the runner's own socket, it is never answered."""
+    with Runner(appdir, "apps:router", "--threads", "2") as r:
+        result = {}
+        ex = Exchange(r.path)
+        t = threading.Thread(target=lambda: result.update(
+            out=ex.request(cgi_params("/slow?1"))[0]))
+        t.start()
+        wait_until(lambda: _in_app(r), 5, "the request to be in the app")
+        r.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM: finishing requests in flight" in r.stderr(), 5,
+                   "the runner to take the signal")
+        late = connect(r.path, timeout=10)
+        client = ClientConnection()
+        late.sendall(client.begin_request(1, params=cgi_params("/hello"))
+                     + client.send_stdin(1, b""))
+        assert r.proc.wait(10) == 0
+        t.join(5)
+        assert result.get("out", b"").endswith(b"slow done"), result
+        got = b""
+        try:
+            while data := late.recv(65536):
+                got += data
+        except ConnectionResetError:
+            pass
+        late.close()
+        assert got == b"", got
+
+
 def _sleeping_threads(r) -> int:
     """Threads of the runner asleep (clock_nanosleep/nanosleep/select): in slow()."""
     n = 0
