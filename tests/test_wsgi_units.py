@@ -145,7 +145,7 @@ def test_input_stream_behaves_like_bytesio(data, sizes, ops, views):
             got, want = stream.read(), ref.read()
         assert type(got) is bytes and got == want
     assert list(stream) == list(ref)
-    assert stream.read(10) == b"" and stream.finished
+    assert stream.read(10) == b"" and stream._eof
 
 
 def test_readline_after_a_partial_read_of_a_view_chunk():
@@ -196,13 +196,13 @@ def test_input_stream_readlines_hint():
 
 def test_the_shared_empty_body_is_at_its_end_and_reading_it_changes_nothing():
     """spawnd-wsgi gives one EMPTY stream to every request that has no body."""
-    assert EMPTY.finished
+    assert EMPTY._eof
     state = (EMPTY._buf, EMPTY._pos, EMPTY._eof)
     assert [EMPTY.read(), EMPTY.read(5), EMPTY.read(0), EMPTY.readline(),
             EMPTY.readline(3), EMPTY.readlines(), list(EMPTY)] == [b"", b"", b"", b"",
                                                                   b"", [], []]
     EMPTY.drain()
-    assert (EMPTY._buf, EMPTY._pos, EMPTY._eof) == state and EMPTY.finished
+    assert (EMPTY._buf, EMPTY._pos, EMPTY._eof) == state and EMPTY._eof
 
 
 class ListSink:

@@ -111,10 +111,6 @@ class InputStream:
         while self._pull():
             pass
 
-    @property
-    def finished(self) -> bool:
-        return self._eof
-
 
 # The wsgi.input of every request whose body is known to be empty when it starts: a
 # stream at its end is never changed by reading it (each read stores the same empty
