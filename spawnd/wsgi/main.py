@@ -234,11 +234,9 @@ def run(args) -> int:
             # CGI: fd 1 carries the response and nothing else; what the application
             # prints, at import too, goes to stderr (the web server's error log).
             sys.stdout = sys.stderr
-        app = load_app(args.app)
-        if listener is None:
             from spawnd.wsgi.cgi import serve_cgi
-            return serve_cgi(app, prefix)
-        server = Server(app, listener, threads=args.threads, script_name=prefix,
+            return serve_cgi(load_app(args.app), prefix)
+        server = Server(load_app(args.app), listener, threads=args.threads, script_name=prefix,
                         max_requests=args.max_requests or 0,
                         graceful_timeout=args.graceful_timeout, io_timeout=args.io_timeout,
                         allowed=allowed, multiprocess=not args.bind)
